@@ -1,0 +1,1 @@
+"""Serving quantized ONNX perception models with ONNX Runtime, and the offline HAWQ tool."""

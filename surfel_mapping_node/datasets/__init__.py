@@ -1,0 +1,1 @@
+"""Dataset readers behind one interface (see base.Dataset)."""
