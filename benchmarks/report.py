@@ -35,7 +35,9 @@ def machine_description() -> str:
 
 def write_section(name: str, title: str, body_markdown: str) -> Path:
     """Replace (or append) the section NAME of docs/benchmarks.md with BODY_MARKDOWN."""
-    command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    script = Path(sys.argv[0]).resolve()
+    module = ".".join(script.relative_to(BENCHMARKS_MD.parents[1]).with_suffix("").parts)
+    command = " ".join(["-m", module, *(shlex.quote(a) for a in sys.argv[1:])])
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False

@@ -28,9 +28,7 @@ class PinholeCamera:
 
     def __post_init__(self) -> None:
         if self.width <= 0 or self.height <= 0:
-            raise ValueError(
-                f"invalid camera size {self.width}x{self.height}: width and height must be > 0"
-            )
+            raise ValueError(f"invalid camera size {self.width}x{self.height}: width and height must be > 0")
         for name in ("fx", "fy", "cx", "cy"):
             value = getattr(self, name)
             if not np.isfinite(value):
@@ -117,4 +115,11 @@ class PinholeCamera:
 
     def to_dict(self) -> dict[str, float | int]:
         """Return the intrinsics as a plain dict (the config file's ``camera:`` section)."""
-        return {"width": self.width, "height": self.height, "fx": self.fx, "fy": self.fy, "cx": self.cx, "cy": self.cy}
+        return {
+            "width": self.width,
+            "height": self.height,
+            "fx": self.fx,
+            "fy": self.fy,
+            "cx": self.cx,
+            "cy": self.cy,
+        }

@@ -75,8 +75,9 @@ class SuperpixelConfig:
     spatial_weight: float = 1.0 / 16.0
     intensity_weight: float = 1.0 / 100.0
     inverse_depth_weight: float = 400.0
-    # Huber threshold (metres) of the robust per-superpixel depth.
+    # Huber threshold (metres) of the robust per-superpixel depth, and its IRLS steps.
     huber_delta_m: float = 0.05
+    huber_iterations: int = 3
 
 
 @dataclass
@@ -123,6 +124,15 @@ class KeyframeConfig:
     # keyframe and within local_map_radius_m of it.
     local_map_hops: int = 20
     local_map_radius_m: float = 5.0
+    # A new keyframe is also linked to up to this many nearest keyframes within
+    # local_map_radius_m that are more than local_map_hops keyframes older, so a
+    # place seen again rejoins the local map; 0 turns these links off.
+    revisit_links: int = 2
+    # A corrected keyframe pose counts as moved (and moves its surfels) when its
+    # position changed by more than this many metres or its rotation by more than
+    # this many degrees.
+    pose_update_tolerance_m: float = 1e-6
+    pose_update_tolerance_deg: float = 1e-5
 
 
 @dataclass
@@ -147,23 +157,32 @@ class MapperConfig:
                 "need 0 < depth.min_depth_m < depth.max_depth_m"
             )
         if d.depth_scale < 0:
-            raise ConfigError(f"invalid depth.depth_scale={d.depth_scale}: use metres per unit > 0, or 0 for the default")
+            raise ConfigError(
+                f"invalid depth.depth_scale={d.depth_scale}: use metres per unit > 0, or 0 for the default"
+            )
         if s.num_disparities <= 0 or s.num_disparities % 16:
-            raise ConfigError(f"invalid stereo.num_disparities={s.num_disparities}: use a positive multiple of 16")
+            raise ConfigError(
+                f"invalid stereo.num_disparities={s.num_disparities}: use a positive multiple of 16"
+            )
         if s.block_size < 1 or s.block_size % 2 == 0:
             raise ConfigError(f"invalid stereo.block_size={s.block_size}: use an odd number >= 1")
         if s.mode not in ("sgbm", "hh", "sgbm_3way"):
             raise ConfigError(f"invalid stereo.mode={s.mode!r}: use one of 'sgbm', 'hh', 'sgbm_3way'")
         if sp.grid_px < 2 or sp.iterations < 1:
             raise ConfigError(
-                f"invalid superpixels.grid_px={sp.grid_px} or iterations={sp.iterations}: need grid_px >= 2, iterations >= 1"
+                f"invalid superpixels.grid_px={sp.grid_px} or iterations={sp.iterations}: "
+                "need grid_px >= 2 and iterations >= 1"
             )
         if not 0 < f.near_m < f.far_m:
-            raise ConfigError(f"invalid fusion range [{f.near_m}, {f.far_m}] m: need 0 < fusion.near_m < fusion.far_m")
+            raise ConfigError(
+                f"invalid fusion range [{f.near_m}, {f.far_m}] m: need 0 < fusion.near_m < fusion.far_m"
+            )
         if f.max_weight <= 0:
             raise ConfigError(f"invalid fusion.max_weight={f.max_weight}: it must be > 0")
         if not 0 <= self.surfels.min_inlier_ratio <= 1:
-            raise ConfigError(f"invalid surfels.min_inlier_ratio={self.surfels.min_inlier_ratio}: use a value in [0, 1]")
+            raise ConfigError(
+                f"invalid surfels.min_inlier_ratio={self.surfels.min_inlier_ratio}: use a value in [0, 1]"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,6 +196,13 @@ class MapperConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> MapperConfig:
         """Load a YAML config file; raise ConfigError naming the file and the bad key."""
+        return cls().merged_with_yaml(path)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def merged_with_yaml(self, path: str | Path) -> MapperConfig:
+        """Return this config with the options set in the YAML file PATH replaced."""
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text())
@@ -186,18 +212,49 @@ class MapperConfig:
             raise ConfigError(f"cannot read config file {path}: {error}") from error
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"invalid config file {path}: the top level must be a mapping of sections")
+
         try:
-            return cls.from_dict(data)
+            return MapperConfig.from_dict(_deep_merge(self.to_dict(), data or {}))
         except ConfigError as error:
             raise ConfigError(f"{path}: {error}") from error
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+# Options that differ from the RGB-D defaults for a sensor, applied before a user's
+# config file. Stereo depth from SGBM is far noisier and reaches much farther than
+# structured light: wider plane-fit and depth gates, a longer range, and keyframes
+# spaced for driving speed.
+_STEREO_PRESET: dict[str, dict[str, Any]] = {
+    "depth": {"max_depth_m": 30.0},
+    "superpixels": {"huber_delta_m": 0.4},
+    "surfels": {"inlier_range_m": 0.4},
+    "fusion": {"depth_tolerance_per_m2": 0.011, "depth_tolerance_min_m": 0.05, "far_m": 30.0},
+    "keyframes": {"min_translation_m": 1.0, "local_map_radius_m": 40.0},
+}
+_FORMAT_PRESETS: dict[str, dict[str, dict[str, Any]]] = {"kitti": _STEREO_PRESET}
+
+
+def preset_for_format(format_name: str | None) -> dict[str, dict[str, Any]]:
+    """Return the option overrides for a dataset format (empty for RGB-D formats)."""
+    import copy
+
+    return copy.deepcopy(_FORMAT_PRESETS.get(format_name or "", {}))
+
+
+def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"invalid section {prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(
+            f"invalid section {prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:

@@ -1,0 +1,426 @@
+"""Latency of FP32, uniform INT8 and HAWQ mixed-precision models, and through the ROS node.
+
+For each model (the PP-OCRv4 text detector and the PP-OCR text-orientation classifier
+of the rapidocr-onnxruntime wheel), in one process:
+  - builds a uniform INT8 model with onnxruntime's quantize_static (QDQ, per-channel
+    int8 weights, uint8 activations, MinMax calibration on scikit-image's pictures),
+    after upgrading the model to opset 13 because per-channel DequantizeLinear needs it;
+  - times FP32, INT8 and, when given with --hawq, the HAWQ tool's output, interleaved
+    image by image so machine load hits all variants alike; reports p50 and p90 and
+    the ratio to FP32;
+  - counts the operators of each graph after ONNX Runtime's optimizations (QLinearConv
+    against Conv between DequantizeLinear and QuantizeLinear) and profiles the time per
+    operator type, which shows what keeps a quantized model from being faster;
+  - compares outputs with FP32 (text-map IoU, orientation agreement).
+Then it measures end-to-end latency through quantized_inference_node (image stamp to
+the received ~/labels) with rclpy on localhost. Results go to docs/benchmarks.md
+(section "inference").
+
+  python -m benchmarks.bench_inference [--threads 1] [--rounds 30]
+      [--hawq ppocr_det_v4=/path/det_hawq.onnx] [--hawq ppocr_cls_v2=/path/cls_hawq.onnx]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import version_converter
+from onnxruntime import quantization
+
+from benchmarks.report import write_section
+from quantized_inference_node.inference import InferenceEngine, prepare_input
+from quantized_inference_node.model_card import ChannelOrder, ModelCard, load_model_card, resolve_path
+
+PACKAGE_MODELS = "pkg:rapidocr_onnxruntime/models"
+CARDS = "pkg:quantized_inference_node/models"
+
+
+@dataclass
+class Variant:
+    """One model file of one benchmarked model."""
+
+    label: str
+    path: Path
+    session: ort.InferenceSession | None = None
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ModelUnderTest:
+    """A model, its card, the images it is timed on and the ones it is calibrated on."""
+
+    name: str
+    model_path: str
+    card_path: str
+    timing_image: np.ndarray
+    calibration_images: list[np.ndarray]
+    check_images: dict[str, np.ndarray]
+
+
+def skimage_pictures() -> dict[str, np.ndarray]:
+    from skimage import data
+
+    return {name: getattr(data, name)() for name in ("page", "coffee", "text", "camera", "astronaut", "chelsea")}
+
+
+def text_lines(page: np.ndarray) -> list[np.ndarray]:
+    """Crop text lines (40x140 pixels) from scikit-image's page, upright and upside down."""
+    lines = [np.ascontiguousarray(page[top : top + 40, 10:150]) for top in range(5, 150, 20)]
+    return lines + [np.ascontiguousarray(line[::-1, ::-1]) for line in lines]
+
+
+def models_under_test() -> list[ModelUnderTest]:
+    pictures = skimage_pictures()
+    lines = text_lines(pictures["page"])
+    return [
+        ModelUnderTest(
+            "ppocr_det_v4",
+            f"{PACKAGE_MODELS}/ch_PP-OCRv4_det_infer.onnx",
+            f"{CARDS}/ppocr_det_v4.yaml",
+            pictures["coffee"],
+            list(pictures.values()),
+            {"page": pictures["page"], "coffee": pictures["coffee"]},
+        ),
+        ModelUnderTest(
+            "ppocr_cls_v2",
+            f"{PACKAGE_MODELS}/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+            f"{CARDS}/ppocr_cls_v2.yaml",
+            lines[0],
+            lines,
+            {f"line{i}": line for i, line in enumerate(lines)},
+        ),
+    ]
+
+
+def input_tensor(card: ModelCard, fixed_size: tuple[int, int], image: np.ndarray) -> np.ndarray:
+    return prepare_input(image, ChannelOrder.RGB, card.input, fixed_size).tensor
+
+
+def quantize_uint8(model: ModelUnderTest, engine: InferenceEngine, work_dir: Path) -> Path:
+    """Write the uniform INT8 QDQ model of MODEL (opset 13, per-channel) and return its path."""
+    upgraded = work_dir / f"{model.name}_opset13.onnx"
+    onnx.save(version_converter.convert_version(onnx.load(resolve_path(model.model_path)), 13), upgraded)
+
+    preprocessed = work_dir / f"{model.name}_preprocessed.onnx"
+    try:
+        quantization.quant_pre_process(str(upgraded), str(preprocessed), skip_symbolic_shape=False)
+    except Exception as error:  # quant_pre_process is optional; report and go on without it.
+        print(f"quant_pre_process failed on {model.name} ({error}); quantizing the opset-13 model")
+        preprocessed = upgraded
+
+    feeds = [
+        {engine.card.input.name: input_tensor(engine.card, engine.fixed_size, image)}
+        for image in model.calibration_images
+    ]
+
+    class Reader(quantization.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.iterator = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.iterator, None)
+
+    output = work_dir / f"{model.name}_int8.onnx"
+    quantization.quantize_static(
+        str(preprocessed),
+        str(output),
+        Reader(),
+        quant_format=quantization.QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=quantization.QuantType.QUInt8,
+        weight_type=quantization.QuantType.QInt8,
+        calibrate_method=quantization.CalibrationMethod.MinMax,
+    )
+    return output
+
+
+def make_session(path: Path, threads: int, **options: object) -> ort.InferenceSession:
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = threads
+    session_options.inter_op_num_threads = 1
+    for name, value in options.items():
+        setattr(session_options, name, value)
+    return ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
+
+
+def time_interleaved(variants: list[Variant], feed: dict[str, np.ndarray], rounds: int) -> None:
+    """Run every variant once per round, in turn, and record each run's latency."""
+    for variant in variants:
+        for _ in range(3):
+            variant.session.run(None, feed)
+    for _ in range(rounds):
+        for variant in variants:
+            start = time.perf_counter()
+            variant.session.run(None, feed)
+            variant.latencies_ms.append((time.perf_counter() - start) * 1e3)
+
+
+def optimized_operator_counts(path: Path, work_dir: Path, threads: int) -> collections.Counter:
+    """Count operator types in the graph ONNX Runtime runs after its optimizations."""
+    optimized = work_dir / f"{path.stem}_optimized.onnx"
+    make_session(path, threads, optimized_model_filepath=str(optimized))
+    return collections.Counter(node.op_type for node in onnx.load(optimized).graph.node)
+
+
+def profile_operator_ms(
+    path: Path, feed: dict[str, np.ndarray], runs: int, work_dir: Path, threads: int
+) -> dict[str, float]:
+    """Return the mean milliseconds per run spent in each operator type."""
+    session = make_session(
+        path, threads, enable_profiling=True, profile_file_prefix=str(work_dir / f"{path.stem}_profile")
+    )
+    session.run(None, feed)
+    for _ in range(runs):
+        session.run(None, feed)
+    profile = Path(session.end_profiling())
+
+    events = json.loads(profile.read_text())
+    node_events = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_op: dict[str, float] = collections.defaultdict(float)
+    for event in node_events:
+        per_op[event["args"]["op_name"]] += event["dur"] / 1e3
+    # The first run includes allocation; divide the total of all runs by their count.
+    return {op: total / (runs + 1) for op, total in sorted(per_op.items(), key=lambda kv: -kv[1])}
+
+
+def agreement_lines(
+    model: ModelUnderTest, engines: dict[str, InferenceEngine]
+) -> list[str]:
+    """Compare each quantized variant's outputs with FP32's on the model's check images."""
+    reference = engines["FP32"]
+    lines = []
+    for label, engine in engines.items():
+        if label == "FP32":
+            continue
+        if reference.card.task.value == "segmentation":
+            parts = []
+            for name, image in model.check_images.items():
+                expected = reference.infer(image).labels > 0
+                found = engine.infer(image).labels > 0
+                union = np.logical_or(expected, found).sum()
+                iou = np.logical_and(expected, found).sum() / union if union else 1.0
+                parts.append(f"{name}: IoU {iou:.2f} ({found.sum():,} of FP32's {expected.sum():,} text pixels)")
+            lines.append(f"- {model.name} {label} text map (threshold 0.3) against FP32: " + "; ".join(parts))
+        else:
+            same = [
+                reference.infer(image).top_k[0].label == engine.infer(image).top_k[0].label
+                for image in model.check_images.values()
+            ]
+            lines.append(
+                f"- {model.name} {label} orientation against FP32: {sum(same)} of {len(same)} text lines agree"
+            )
+    return lines
+
+
+def end_to_end_ms(model_path: str | Path, card_path: str, images: int, rate_hz: float) -> list[float]:
+    """Publish IMAGES stamped images at RATE_HZ to the node; return stamp-to-receipt latencies."""
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+    from sensor_msgs.msg import Image
+    from skimage import data
+
+    from quantized_inference_node.node import QuantizedInferenceNode
+
+    context = rclpy.context.Context()
+    rclpy.init(context=context)
+    node = QuantizedInferenceNode(
+        context=context,
+        namespace="bench",
+        parameter_overrides=[
+            Parameter("model_path", value=str(model_path)),
+            Parameter("card_path", value=card_path),
+            Parameter("publish_overlay", value=False),
+        ],
+    )
+    probe = rclpy.create_node("bench_probe", context=context)
+    latencies_ms: list[float] = []
+    received = threading.Event()
+
+    def on_labels(message: Image) -> None:
+        now_ns = probe.get_clock().now().nanoseconds
+        stamp_ns = message.header.stamp.sec * 10**9 + message.header.stamp.nanosec
+        latencies_ms.append((now_ns - stamp_ns) / 1e6)
+        received.set()
+
+    probe.create_subscription(Image, "/bench/quantized_inference_node/labels", on_labels, 10)
+    publisher = probe.create_publisher(Image, "/bench/image", 10)
+    executor = MultiThreadedExecutor(num_threads=2, context=context)
+    executor.add_node(node)
+    executor.add_node(probe)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+
+    page = data.coffee()
+    message = Image(height=page.shape[0], width=page.shape[1], encoding="rgb8", step=page.shape[1] * 3)
+    message.data = page.tobytes()
+    message.header.frame_id = "camera"
+
+    def publish() -> None:
+        message.header.stamp = probe.get_clock().now().to_msg()
+        publisher.publish(message)
+
+    # Wait for discovery: publish until the first output arrives, then start counting.
+    deadline = time.monotonic() + 30.0
+    while not received.is_set() and time.monotonic() < deadline:
+        publish()
+        received.wait(1.0)
+    time.sleep(1.0)
+    latencies_ms.clear()
+    for _ in range(images):
+        publish()
+        time.sleep(1.0 / rate_hz)
+    time.sleep(2.0)
+
+    executor.shutdown()
+    node.destroy_node()
+    probe.destroy_node()
+    rclpy.shutdown(context=context)
+    return list(latencies_ms)
+
+
+def percentile_text(values: list[float]) -> tuple[float, float]:
+    p50, p90 = np.percentile(values, [50, 90])
+    return float(p50), float(p90)
+
+
+def bench_model(
+    model: ModelUnderTest, hawq_path: Path | None, args: argparse.Namespace, work_dir: Path,
+    log: Callable[[str], None],
+) -> tuple[list[str], dict[str, Path]]:
+    card = load_model_card(model.card_path)
+    fp32_engine = InferenceEngine(model.model_path, card, intra_op_threads=args.threads)
+
+    log(f"{model.name}: quantizing to uniform INT8")
+    variants = [Variant("FP32", resolve_path(model.model_path))]
+    variants.append(Variant("INT8 (quantize_static)", quantize_uint8(model, fp32_engine, work_dir)))
+    if hawq_path is not None:
+        variants.append(Variant("HAWQ mixed", hawq_path))
+
+    feed = {card.input.name: input_tensor(card, fp32_engine.fixed_size, model.timing_image)}
+    for variant in variants:
+        variant.session = make_session(variant.path, args.threads)
+    log(f"{model.name}: timing {len(variants)} variants, {args.rounds} interleaved rounds")
+    time_interleaved(variants, feed, args.rounds)
+
+    shape = "x".join(str(d) for d in next(iter(feed.values())).shape)
+    lines = [
+        f"### {model.name} (input {shape}, {args.threads} thread(s))",
+        "",
+        "| variant | file size | p50 ms | p90 ms | FP32 p50 / p50 |",
+        "|---|---|---|---|---|",
+    ]
+    fp32_p50 = percentile_text(variants[0].latencies_ms)[0]
+    for variant in variants:
+        p50, p90 = percentile_text(variant.latencies_ms)
+        size_mb = variant.path.stat().st_size / 1e6
+        lines.append(f"| {variant.label} | {size_mb:.2f} MB | {p50:.1f} | {p90:.1f} | {fp32_p50 / p50:.2f}× |")
+    if hawq_path is None:
+        lines.append(
+            "| HAWQ mixed | not measured: no HAWQ model given (--hawq "
+            f"{model.name}=PATH) | | | |"
+        )
+
+    lines += ["", "Operators after ONNX Runtime's graph optimizations, and mean ms per run by operator type:", ""]
+    for variant in variants:
+        counts = optimized_operator_counts(variant.path, work_dir, args.threads)
+        per_op = profile_operator_ms(variant.path, feed, args.profile_runs, work_dir, args.threads)
+        count_text = ", ".join(f"{op} {n}" for op, n in counts.most_common(8))
+        time_text = ", ".join(f"{op} {ms:.1f}" for op, ms in list(per_op.items())[:6])
+        lines.append(f"- {variant.label}: {count_text}. Time: {time_text}.")
+
+    engines = {"FP32": fp32_engine}
+    for variant in variants[1:]:
+        engines[variant.label] = InferenceEngine(variant.path, card, intra_op_threads=args.threads)
+    lines += ["", *agreement_lines(model, engines), ""]
+    return lines, {variant.label: variant.path for variant in variants}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=30, help="timed runs per variant (default 30)")
+    parser.add_argument("--profile-runs", type=int, default=5, help="profiled runs per variant (default 5)")
+    parser.add_argument(
+        "--hawq",
+        action="append",
+        default=[],
+        metavar="MODEL=PATH",
+        help="HAWQ tool output for a model, e.g. ppocr_det_v4=det_hawq.onnx; repeatable",
+    )
+    parser.add_argument("--e2e-images", type=int, default=20, help="images sent through the node (default 20)")
+    parser.add_argument("--e2e-rate", type=float, default=2.0, help="camera rate in Hz for the node test")
+    parser.add_argument("--skip-node", action="store_true", help="skip the end-to-end test through the node")
+    args = parser.parse_args()
+
+    models = models_under_test()
+    hawq_paths: dict[str, Path] = {}
+    for item in args.hawq:
+        name, _, path = item.partition("=")
+        if name not in {m.name for m in models} or not path:
+            parser.error(f"invalid --hawq {item!r}: use MODEL=PATH with MODEL one of {[m.name for m in models]}")
+        if not Path(path).is_file():
+            parser.error(f"HAWQ model {path} not found")
+        hawq_paths[name] = Path(path)
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    lines = [
+        "Latency per image of ONNX Runtime "
+        f"{ort.__version__} on the CPU (CPUExecutionProvider), variants timed interleaved in one "
+        "run; the ratio column is FP32's p50 over the variant's p50 (above 1 is faster).",
+        "",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        work_dir = Path(tmp)
+        model_files: dict[str, dict[str, Path]] = {}
+        for model in models:
+            model_lines, files = bench_model(model, hawq_paths.get(model.name), args, work_dir, log)
+            lines += model_lines
+            model_files[model.name] = files
+
+        if not args.skip_node:
+            lines += [
+                "### End to end through quantized_inference_node",
+                "",
+                f"ppocr_det_v4 on scikit-image's coffee (600x400 rgb8) published at {args.e2e_rate} Hz, "
+                f"{args.e2e_images} images; latency from the image's header stamp to the probe receiving "
+                "~/labels (rclpy, Fast DDS on localhost, intra_op_threads 0).",
+                "",
+                "| variant | p50 ms | p90 ms | outputs |",
+                "|---|---|---|---|",
+            ]
+            for label, path in model_files["ppocr_det_v4"].items():
+                log(f"end to end through the node: {label}")
+                latencies = end_to_end_ms(path, models[0].card_path, args.e2e_images, args.e2e_rate)
+                if latencies:
+                    p50, p90 = percentile_text(latencies)
+                    lines.append(f"| {label} | {p50:.1f} | {p90:.1f} | {len(latencies)} |")
+                else:
+                    lines.append(f"| {label} | no output received | | 0 |")
+            lines.append("")
+
+    body = "\n".join(lines)
+    print(body)
+    write_section("inference", "Quantized inference: FP32, INT8 and HAWQ on the CPU", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

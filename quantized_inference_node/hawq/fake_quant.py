@@ -1,0 +1,226 @@
+"""Quantizers shared by the analysis (torch) and the ONNX export (numpy).
+
+Weights are quantized symmetrically per output channel with a narrow range,
+q in [-(2^(b-1) - 1), 2^(b-1) - 1], zero point 0; a 2-bit weight therefore takes
+the three values {-1, 0, 1} times its channel scale. Activations are quantized
+to 8 bits, always as uint8: onnxruntime on x86 only fuses QDQ pairs into integer
+kernels for uint8 activations, so a tensor that can be negative gets an
+asymmetric uint8 range with a zero point, and a non-negative tensor (after ReLU)
+gets zero point 0, which also reproduces the ReLU's clamp exactly.
+
+The numpy and torch versions compute the same numbers, so the torch fake-quant
+model predicts what onnxruntime computes on the exported QDQ model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import torch
+
+ACTIVATION_QMIN = 0
+ACTIVATION_QMAX = 255
+# A scale below this would divide by (almost) zero for an all-zero channel.
+MIN_SCALE = 1e-12
+
+
+class RangeMethod(str, Enum):
+    """How an activation range is taken from calibration data."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+
+
+def weight_qmax(bits: int) -> int:
+    """Return the largest quantized magnitude of a symmetric narrow-range weight."""
+    if bits < 2 or bits > 8:
+        raise ValueError(f"weight bits must be between 2 and 8, got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class WeightQuantization:
+    """A per-channel symmetric weight quantization.
+
+    Attributes:
+        q: Integer weights, same shape as the float weight, int8 dtype.
+        scale: Per-channel scales, float32, shape (channels,).
+        axis: The channel axis of the weight.
+        bits: Bit width the integer values fit in.
+    """
+
+    q: np.ndarray
+    scale: np.ndarray
+    axis: int
+    bits: int
+
+    def dequantize(self) -> np.ndarray:
+        """Return the float32 weight the integers stand for."""
+        shape = [1] * self.q.ndim
+        shape[self.axis] = -1
+        return self.q.astype(np.float32) * self.scale.reshape(shape)
+
+
+def quantize_weight_np(weight: np.ndarray, bits: int, axis: int) -> WeightQuantization:
+    """Quantize a float weight symmetrically per channel along AXIS.
+
+    Raises:
+        ValueError: when bits is outside 2..8 or axis is not an axis of weight.
+    """
+    if not -weight.ndim <= axis < weight.ndim:
+        raise ValueError(f"channel axis {axis} is not an axis of a {weight.ndim}-D weight")
+    axis = axis % weight.ndim
+    qmax = weight_qmax(bits)
+
+    reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
+    absmax = (
+        np.abs(weight.astype(np.float32)).max(axis=reduce_axes)
+        if reduce_axes
+        else np.abs(weight.astype(np.float32))
+    )
+    scale = np.maximum(absmax / qmax, MIN_SCALE).astype(np.float32)
+
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(weight / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
+    return WeightQuantization(q=q, scale=scale, axis=axis, bits=bits)
+
+
+class _RoundSTE(torch.autograd.Function):
+    """Rounding whose gradient is the identity (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def fake_quantize_weight(weight: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
+    """Return Q_b(weight) as float, per-channel symmetric, with a straight-through gradient.
+
+    The scale is computed from the detached weight so that quantization-aware
+    fine-tuning moves the weights, not the grid.
+    """
+    axis = axis % weight.ndim
+    qmax = weight_qmax(bits)
+
+    reduce_axes = [i for i in range(weight.ndim) if i != axis]
+    absmax = (
+        weight.detach().abs().amax(dim=reduce_axes, keepdim=True) if reduce_axes else (weight.detach().abs())
+    )
+    scale = torch.clamp(absmax.float() / qmax, min=MIN_SCALE).to(weight.dtype)
+
+    q = torch.clamp(_RoundSTE.apply(weight / scale), -qmax, qmax)
+    return q * scale
+
+
+def weight_quantization_error(weight: torch.Tensor, bits: int, axis: int) -> float:
+    """Return ||Q_b(W) - W||^2, the squared Frobenius norm of the quantization error."""
+    with torch.no_grad():
+        return float(((fake_quantize_weight(weight, bits, axis) - weight) ** 2).sum())
+
+
+@dataclass(frozen=True)
+class ActivationQParams:
+    """uint8 affine quantization of one activation tensor: x = scale * (q - zero_point)."""
+
+    scale: float
+    zero_point: int
+
+    @property
+    def rmin(self) -> float:
+        """Smallest float value the grid represents."""
+        return self.scale * (ACTIVATION_QMIN - self.zero_point)
+
+    @property
+    def rmax(self) -> float:
+        """Largest float value the grid represents."""
+        return self.scale * (ACTIVATION_QMAX - self.zero_point)
+
+
+def activation_qparams(rmin: float, rmax: float) -> ActivationQParams:
+    """Return uint8 parameters covering [rmin, rmax], widened to include 0.
+
+    Zero must be exactly representable (zero padding and ReLU outputs); for a
+    non-negative range this gives zero point 0.
+
+    Raises:
+        ValueError: when rmin or rmax is not finite or rmin > rmax.
+    """
+    if not (np.isfinite(rmin) and np.isfinite(rmax)):
+        raise ValueError(f"activation range [{rmin}, {rmax}] is not finite; check the calibration data")
+    if rmin > rmax:
+        raise ValueError(f"activation range has rmin {rmin} > rmax {rmax}")
+
+    rmin, rmax = min(float(rmin), 0.0), max(float(rmax), 0.0)
+    scale = (rmax - rmin) / (ACTIVATION_QMAX - ACTIVATION_QMIN)
+    if scale < MIN_SCALE:
+        return ActivationQParams(scale=1.0, zero_point=0)
+    scale = float(np.float32(scale))
+    zero_point = int(np.clip(round(ACTIVATION_QMIN - rmin / scale), ACTIVATION_QMIN, ACTIVATION_QMAX))
+    return ActivationQParams(scale=scale, zero_point=zero_point)
+
+
+def fake_quantize_activation(x: torch.Tensor, qparams: ActivationQParams) -> torch.Tensor:
+    """Return the uint8 fake-quantized activation (QuantizeLinear then DequantizeLinear).
+
+    Rounding is half to even, as in onnxruntime's QuantizeLinear; the gradient is
+    straight-through inside the range and zero outside it.
+    """
+    scale = torch.tensor(qparams.scale, dtype=x.dtype)
+    q = torch.clamp(_RoundSTE.apply(x / scale) + qparams.zero_point, ACTIVATION_QMIN, ACTIVATION_QMAX)
+    return (q - qparams.zero_point) * scale
+
+
+class RangeObserver:
+    """Collects an activation tensor's range over calibration batches.
+
+    MINMAX keeps the running min and max. PERCENTILE keeps, per batch, the
+    given lower and upper percentiles and averages them over batches, so memory
+    does not grow with the number of batches.
+
+    Raises:
+        ValueError: on an unknown method or a percentile outside (50, 100].
+    """
+
+    def __init__(self, method: RangeMethod | str = RangeMethod.MINMAX, percentile: float = 99.99):
+        try:
+            self.method = RangeMethod(method)
+        except ValueError:
+            choices = ", ".join(m.value for m in RangeMethod)
+            raise ValueError(f"unknown range method {method!r}; use one of {choices}") from None
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        self.percentile = percentile
+        self._lo: list[float] = []
+        self._hi: list[float] = []
+
+    def update(self, x: np.ndarray) -> None:
+        """Add one batch of the tensor's values."""
+        flat = np.asarray(x, dtype=np.float32).ravel()
+        if flat.size == 0:
+            return
+        if self.method is RangeMethod.MINMAX:
+            self._lo.append(float(flat.min()))
+            self._hi.append(float(flat.max()))
+        else:
+            lo, hi = np.percentile(flat, [100.0 - self.percentile, self.percentile])
+            self._lo.append(float(lo))
+            self._hi.append(float(hi))
+
+    def qparams(self) -> ActivationQParams:
+        """Return the uint8 parameters of the observed range.
+
+        Raises:
+            ValueError: when no data was observed.
+        """
+        if not self._lo:
+            raise ValueError("no calibration data reached this tensor")
+        if self.method is RangeMethod.MINMAX:
+            return activation_qparams(min(self._lo), max(self._hi))
+        return activation_qparams(float(np.mean(self._lo)), float(np.mean(self._hi)))

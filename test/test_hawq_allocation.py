@@ -1,0 +1,194 @@
+"""Bit allocation (ILP against exhaustive search), sensitivities and the quantizers."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from quantized_inference_node.hawq.bit_allocation import (
+    InfeasibleBudgetError,
+    allocate_bits,
+    check_size_budget,
+)
+from quantized_inference_node.hawq.fake_quant import (
+    RangeObserver,
+    activation_qparams,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    quantize_weight_np,
+)
+from quantized_inference_node.hawq.hessian import LayerCurvature
+from quantized_inference_node.hawq.sensitivity import layer_sensitivities
+
+BITS = (2, 4, 8)
+
+
+def random_problem(seed: int, layers: int = 5):
+    rng = np.random.default_rng(seed)
+    num_params = rng.integers(100, 5000, size=layers).tolist()
+    macs = [n * int(rng.integers(1, 64)) for n in num_params]
+    # Omega falls with the bit width, as a quantization error does.
+    omega = [{b: float(rng.uniform(0.1, 10) * 4.0**-b) for b in BITS} for _ in range(layers)]
+    return omega, num_params, macs
+
+
+def brute_force(omega, num_params, size_budget, macs=None, bops_budget=None, pinned=None):
+    """Best configuration by enumerating all of them (independent of the ILP)."""
+    best, best_cost = None, np.inf
+    for bits in itertools.product(BITS, repeat=len(omega)):
+        if pinned and any(bits[i] != b for i, b in pinned.items()):
+            continue
+        if sum(n * b for n, b in zip(num_params, bits, strict=True)) / 8 > size_budget:
+            continue
+        if bops_budget is not None and sum(m * b * 8 for m, b in zip(macs, bits, strict=True)) > bops_budget:
+            continue
+        cost = sum(o[b] for o, b in zip(omega, bits, strict=True))
+        if cost < best_cost:
+            best, best_cost = list(bits), cost
+    return best, best_cost
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ilp_finds_the_exhaustive_optimum_under_a_size_budget(seed: int) -> None:
+    omega, num_params, _ = random_problem(seed)
+    budget = 0.6 * sum(num_params)  # 4.8 bits per weight on average
+
+    allocation = allocate_bits(omega, num_params, budget)
+    _, best_cost = brute_force(omega, num_params, budget)
+
+    np.testing.assert_allclose(allocation.total_omega, best_cost, rtol=1e-9)
+    assert allocation.size_bytes <= budget
+    assert allocation.size_bytes == sum(n * b for n, b in zip(num_params, allocation.bits, strict=True)) / 8
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ilp_respects_a_bops_budget_and_pins(seed: int) -> None:
+    omega, num_params, macs = random_problem(seed + 10)
+    size_budget = 0.9 * sum(num_params)
+    bops_budget = 0.5 * sum(m * 8 * 8 for m in macs)
+    pinned = {0: 8, 4: 8}
+
+    allocation = allocate_bits(omega, num_params, size_budget, macs, bops_budget, pinned)
+    best, best_cost = brute_force(omega, num_params, size_budget, macs, bops_budget, pinned)
+
+    assert best is not None
+    np.testing.assert_allclose(allocation.total_omega, best_cost, rtol=1e-9)
+    assert allocation.bits[0] == 8 and allocation.bits[4] == 8
+    assert allocation.bops <= bops_budget
+
+
+def test_tiny_omegas_are_not_rounded_away() -> None:
+    # Omegas of 1e-12 must still rank: layer 1 is 10x more sensitive than layer 0.
+    omega = [{4: 1e-12, 8: 0.0}, {4: 1e-11, 8: 0.0}]
+
+    allocation = allocate_bits(omega, [1000, 1000], size_budget_bytes=(1000 * 4 + 1000 * 8) / 8)
+
+    assert allocation.bits == [4, 8]
+
+
+def test_infeasible_budget_names_the_smallest_size() -> None:
+    num_params = [1000, 3000]
+    # Smallest: layer 0 pinned to 8 bits (1000 B) + layer 1 at 2 bits (750 B) = 1750 B.
+    with pytest.raises(InfeasibleBudgetError, match=r"smallest achievable size 0\.001750 MB"):
+        allocate_bits([{b: 1.0 for b in BITS}] * 2, num_params, 1500, pinned={0: 8})
+    with pytest.raises(InfeasibleBudgetError, match=r"smallest achievable size 0\.001000 MB"):
+        check_size_budget(num_params, BITS, 999)
+
+
+def test_infeasible_bops_budget_is_reported() -> None:
+    with pytest.raises(InfeasibleBudgetError, match="BOPS budget 100 is below the smallest achievable 1600"):
+        allocate_bits([{2: 1.0, 8: 0.0}], [10], 100, macs=[100], bops_budget=100)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"pinned": {0: 3}}, r"pinned to 3 bits, not one of \[2, 4, 8\]"),
+        ({"bops_budget": 1.0}, "a BOPS budget needs the MACs of every layer"),
+    ],
+)
+def test_inconsistent_allocation_inputs_are_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        allocate_bits([{b: 1.0 for b in BITS}], [10], 100, **kwargs)
+
+
+def test_weight_quantization_by_hand() -> None:
+    # Channel 0: absmax 1 -> 2-bit scale 1; round(-0.5) = -0 (half to even), round(0.25) = 0.
+    # Channel 1: absmax 4 -> scale 4; 2/4 = 0.5 rounds to 0, -4 -> -1.
+    w = np.array([[1.0, -0.5, 0.25], [2.0, -4.0, 0.0]], dtype=np.float32)
+
+    quant = quantize_weight_np(w, bits=2, axis=0)
+
+    np.testing.assert_array_equal(quant.q, [[1, 0, 0], [0, -1, 0]])
+    np.testing.assert_allclose(quant.scale, [1.0, 4.0])
+    np.testing.assert_allclose(fake_quantize_weight(torch.from_numpy(w), 2, 0).numpy(), quant.dequantize())
+
+
+def test_weight_quantization_stays_on_the_narrow_grid() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
+
+    for bits in (2, 4, 8):
+        quant = quantize_weight_np(w, bits, axis=0)
+        qmax = 2 ** (bits - 1) - 1
+        assert quant.q.min() >= -qmax and quant.q.max() <= qmax
+        # Each channel's largest magnitude lands exactly on qmax.
+        np.testing.assert_array_equal(np.abs(quant.q).reshape(8, -1).max(axis=1), qmax)
+        np.testing.assert_allclose(np.abs(quant.dequantize() - w).max(), quant.scale.max() / 2, rtol=0.0, atol=1e-6)
+
+
+def test_sensitivity_is_mean_trace_times_quantization_error() -> None:
+    w = torch.tensor([[1.0, -0.5, 0.25], [2.0, -4.0, 0.0]])
+    curvature = LayerCurvature("fc", 6, top_eigenvalue=3.0, trace=12.0, iterations=5, converged=True)
+
+    (sens,) = layer_sensitivities([curvature], [w], [0], [2, 8])
+
+    # 2-bit error by hand: channel 0 (0, 0.25, 0.0625), channel 1 (4, 0, 0) -> 4.3125.
+    np.testing.assert_allclose(sens.quant_error[2], 4.3125, rtol=1e-6)
+    np.testing.assert_allclose(sens.omega[2], 12.0 / 6 * 4.3125, rtol=1e-6)
+    np.testing.assert_allclose(sens.v1_key, 0.5)
+    np.testing.assert_allclose(sens.finetune_key(2), 3.0 * 4.3125, rtol=1e-6)
+
+
+def test_activation_parameters_by_hand() -> None:
+    relu = activation_qparams(0.0, 2.55)
+    signed = activation_qparams(-1.0, 1.0)
+
+    np.testing.assert_allclose(relu.scale, 0.01, rtol=1e-6)
+    assert relu.zero_point == 0
+    np.testing.assert_allclose(signed.scale, 2 / 255, rtol=1e-6)
+    assert signed.zero_point == 128  # round(127.5) half to even
+    # A range that excludes 0 is widened so that 0 is exact.
+    assert activation_qparams(0.5, 1.0).zero_point == 0
+
+
+def test_activation_fake_quant_matches_quantize_linear_by_hand() -> None:
+    params = activation_qparams(0.0, 2.55)
+    x = torch.tensor([-0.3, 0.004, 0.005, 0.015, 1.0, 3.0])
+
+    # q = clip(round_half_even(x / 0.01), 0, 255): -30->0, 0.4->0, 0.5->0, 1.5->2, 100, 300->255.
+    np.testing.assert_allclose(
+        fake_quantize_activation(x, params).numpy(), [0.0, 0.0, 0.0, 0.02, 1.0, 2.55], atol=1e-6
+    )
+
+
+def test_range_observers() -> None:
+    data = np.arange(-100, 1001, dtype=np.float32)
+    minmax = RangeObserver("minmax")
+    percentile = RangeObserver("percentile", percentile=99.0)
+    for chunk in np.array_split(data, 3):
+        minmax.update(chunk)
+    percentile.update(data)
+
+    np.testing.assert_allclose(minmax.qparams().rmin, -100, rtol=0.01)
+    np.testing.assert_allclose(minmax.qparams().rmax, 1000, rtol=0.01)
+    np.testing.assert_allclose(percentile.qparams().rmax, np.percentile(data, 99.0), rtol=0.01)
+    with pytest.raises(ValueError, match="unknown range method 'median'; use one of minmax, percentile"):
+        RangeObserver("median")
+    with pytest.raises(ValueError, match="no calibration data reached this tensor"):
+        RangeObserver().qparams()
+    with pytest.raises(ValueError, match="weight bits must be between 2 and 8, got 9"):
+        quantize_weight_np(data.reshape(1, -1), 9, 0)
