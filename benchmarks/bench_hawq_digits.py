@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_digits_cnn import export_onnx, load_digits_split, train_digits_cnn  # noqa: E402
+from train_digits_cnn import export_onnx, load_digits_split, train_digits_cnn
 
 CALIB_BATCH = 64
 CALIB_BATCHES = 8
@@ -128,8 +128,12 @@ def random_allocation(analysis, budget_ratio: float, seed: int) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=5, help="seeds for HAWQ and random allocations (default 5)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=5, help="seeds for HAWQ and random allocations (default 5)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
 
@@ -148,14 +152,18 @@ def main() -> None:
 
     results: dict[str, Scores] = {"FP32": scores(fp32, split.x_test, split.y_test, reference, 1.0)}
     ort_int8 = ort_quantize_static(fp32, work / "ort_int8.onnx", x_calib)
-    results["onnxruntime quantize_static INT8"] = scores(ort_int8, split.x_test, split.y_test, reference, 0.25)
+    results["onnxruntime quantize_static INT8"] = scores(
+        ort_int8, split.x_test, split.y_test, reference, 0.25
+    )
 
     # Hessian analysis per seed, with its time and the process's peak memory.
     analyses, seconds = [], []
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for seed in range(args.seeds):
         options = QuantizeOptions(
-            batch_size=CALIB_BATCH, max_batches=CALIB_BATCHES, seed=seed,
+            batch_size=CALIB_BATCH,
+            max_batches=CALIB_BATCHES,
+            seed=seed,
             hessian=HessianSettings(seed=seed),
         )
         analyses.append(analyze(fp32, split.x_train, split.y_train, options))

@@ -24,7 +24,7 @@ examples:
       --storage sqlite3 --max-frames 20
   surfel-map convert rgbd_dataset_freiburg1_desk --format tum --out bags/fr1_desk --stride 2
 
-The bag holds the topics of surfel_mapping_node.topics: /camera/image, /camera/depth
+The bag contains the topics of surfel_mapping_node.topics: /camera/image, /camera/depth
 (16UC1 mm; TUM as 32FC1 m), /camera/camera_info for RGB-D, /stereo/{left,right}/image_rect
 and /stereo/{left,right}/camera_info for stereo, and /slam/pose and /slam/keyframes.
 Play it with 'ros2 bag play BAG_DIR' or 'surfel-map replay BAG_DIR', or map it offline
@@ -52,12 +52,17 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         epilog=CONVERT_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+    # Input and output.
     parser.add_argument("path", type=Path, help="dataset folder")
     parser.add_argument("--format", required=True, choices=CONVERT_FORMATS, help="dataset layout")
     parser.add_argument("--out", required=True, type=Path, help="bag directory to create")
     parser.add_argument(
         "--storage", choices=STORAGES, default="mcap", help="rosbag2 storage (default: mcap, as ROS 2 Jazzy)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bag at --out")
+
+    # Which frames, and which of them are keyframes.
     parser.add_argument("--sequence", default="00", help="KITTI sequence number (default: 00)")
     parser.add_argument("--first", type=int, default=0, help="index of the first frame to write (default: 0)")
     parser.add_argument("--max-frames", type=int, default=None, help="write at most this many frames")
@@ -77,7 +82,6 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         help="mapper YAML file: its keyframe thresholds pick the keyframes, its camera section "
         "sets TUM intrinsics",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing bag at --out")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run_convert)
     return parser
@@ -118,6 +122,7 @@ def add_replay_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def run_convert(args: argparse.Namespace) -> int:
     """Convert a dataset to a bag; return the exit code (0 done, 2 bad input)."""
+    from surfel_mapping_node import topics
     from surfel_mapping_node.bag_writer import (
         BagOutputError,
         FrameEncodingError,
@@ -142,13 +147,13 @@ def run_convert(args: argparse.Namespace) -> int:
         keyframes = KeyframeRule.from_config(config.keyframes, args.keyframe_every)
 
         custom_data = {
-            "surfel_perception.source_format": args.format,
-            "surfel_perception.source_path": str(args.path.expanduser().absolute()),
-            "surfel_perception.source_first": str(args.first),
-            "surfel_perception.source_stride": str(args.stride),
+            topics.METADATA_SOURCE_FORMAT: args.format,
+            topics.METADATA_SOURCE_PATH: str(args.path.expanduser().absolute()),
+            topics.METADATA_SOURCE_FIRST: str(args.first),
+            topics.METADATA_SOURCE_STRIDE: str(args.stride),
         }
         if args.format == "kitti":
-            custom_data["surfel_perception.source_sequence"] = str(args.sequence)
+            custom_data[topics.METADATA_SOURCE_SEQUENCE] = str(args.sequence)
         summary = write_bag(
             _frames_with_progress(dataset, indices, args.no_progress),
             out_dir,

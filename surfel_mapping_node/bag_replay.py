@@ -6,7 +6,7 @@ rosbag2 is not installed, e.g. with the ROS 2 wheels from PyPI. Where rosbag2 ex
 ``ros2 bag play BAG`` plays the same bags.
 
 Messages go out as the recorded CDR bytes, so header stamps are exactly those in the
-bag; the gaps between messages follow their bag times divided by ``rate``. Publishers
+bag. The gaps between messages are their bag time differences divided by ``rate``. Publishers
 use the QoS the bag records as offered, as ``ros2 bag play`` does: reliable and
 volatile for converted bags, keep last 10. ``image_qos="sensor-data"`` switches the
 sensor_msgs topics (images, camera_info) to rclpy's sensor-data profile (best effort,
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 QUEUE_DEPTH = 10
 # How long the end of a replay waits for reliable subscribers to acknowledge.
 ACK_TIMEOUT_S = 5.0
-# Longest single sleep, so a stop request is seen quickly.
+# Maximum single sleep, so that a stop request takes effect quickly.
 _SLEEP_SLICE_S = 0.05
 
 
@@ -62,7 +62,7 @@ class _TopicQos(NamedTuple):
 
 @dataclass
 class ReplaySummary:
-    """What :func:`replay_bag` published."""
+    """Message counts and duration of one :func:`replay_bag` call."""
 
     messages: int = 0
     # Complete passes through the bag.
@@ -97,7 +97,8 @@ def replay_bag(
         topics: publish only these topics (default: all).
         image_qos: ``"reliable"`` or ``"sensor-data"`` for sensor_msgs topics.
         wait_for_subscribers_s: before publishing, wait up to this long until every
-            topic has a subscriber (so that nothing is lost to discovery).
+            topic has a subscriber, so that the first messages do not go out before
+            discovery has matched them; after the wait it publishes regardless.
         stop_event: set it from another thread to stop the replay.
         node_name: name of the publishing node.
 
@@ -161,6 +162,8 @@ def _publish(
         node = rclpy.create_node(node_name, context=context)
         publishers = {}
         for connection in connections:
+            if connection.topic in publishers:
+                continue  # one publisher per topic, however many connections recorded it
             qos = _qos_for(connection, image_qos)
             publishers[connection.topic] = node.create_publisher(
                 message_classes[connection.topic], connection.topic, qos.profile

@@ -1,10 +1,10 @@
 """Write recorded frames (7-Scenes, KITTI, TUM, ...) into a ROS 2 bag the mapping node can play.
 
 Use :func:`write_bag` to turn any sequence of :class:`~surfel_mapping_node.datasets.base.Frame`
-into a rosbag2 directory (mcap or sqlite3 storage, metadata version 9 as ROS 2 Jazzy
-writes it) with ``metadata.yaml``, so ``ros2 bag info`` and ``ros2 bag play`` work on it
-where rosbag2 is installed, and :mod:`surfel_mapping_node.bag_replay` plays it where it
-is not. No ROS install is needed: messages are serialized by rosbags.
+into a rosbag2 directory: mcap or sqlite3 storage, metadata version 9 as ROS 2 Jazzy
+writes it, and a ``metadata.yaml``. Where rosbag2 is installed, ``ros2 bag info`` and
+``ros2 bag play`` read it; elsewhere :mod:`surfel_mapping_node.bag_replay` plays it.
+No ROS install is needed, because rosbags serializes the messages.
 
 What a bag holds per frame, with the topics and frames of :mod:`surfel_mapping_node.topics`:
 
@@ -52,8 +52,10 @@ from surfel_mapping_node.topics import (
     DEFAULT_TOPICS,
     DEPTH_OPTICAL_FRAME,
     IMAGE_TYPE,
+    KEYFRAMES_FROM_DATASET,
     LEFT_OPTICAL_FRAME,
     MAP_FRAME,
+    METADATA_KEYFRAMES,
     PATH_TYPE,
     POSE_TYPE,
     RIGHT_OPTICAL_FRAME,
@@ -66,10 +68,6 @@ logger = logging.getLogger(__name__)
 BAG_VERSION = 9
 # History depth recorded as the publishers' offered QoS (reliable, volatile, keep last).
 OFFERED_QOS_DEPTH = 10
-# custom_data key in metadata.yaml that records how the keyframes were chosen; a bag
-# reader trusts the Path as SLAM output only when it came from the dataset.
-KEYFRAMES_METADATA_KEY = "surfel_perception.keyframes"
-KEYFRAMES_FROM_DATASET = "dataset"
 # Files a bag directory written by rosbag2 or rosbags may contain; --overwrite deletes
 # only directories made of these, never an arbitrary folder given by mistake.
 BAG_FILE_SUFFIXES = (".mcap", ".db3", ".db3-shm", ".db3-wal", ".zstd", ".yaml")
@@ -87,7 +85,7 @@ class BagOutputError(ValueError):
 
 
 class FrameEncodingError(ValueError):
-    """A frame holds data that has no ROS message encoding here."""
+    """A frame whose data has no ROS message encoding in this converter."""
 
 
 @dataclass(frozen=True)
@@ -95,10 +93,10 @@ class KeyframeRule:
     """How the converter picks the keyframes it publishes in the keyframe Path.
 
     By default a frame is a keyframe when it moved or turned more than the mapper's
-    keyframe thresholds (config ``keyframes``) since the last keyframe, the rule the
-    mapper applies itself, so a node fed the Path makes the keyframes it would make
-    alone. The first written frame is always a keyframe. The rule is recorded in the
-    bag's metadata (custom_data ``surfel_perception.keyframes``).
+    keyframe thresholds (config ``keyframes``) since the last keyframe. The mapper
+    applies the same rule itself, so a node fed the Path makes the keyframes it would
+    make alone. The first written frame is always a keyframe. The rule is recorded in
+    the bag's metadata (custom_data ``surfel_perception.keyframes``).
     """
 
     # Every N-th written frame is a keyframe; 0 selects by motion instead.
@@ -153,7 +151,7 @@ class EncodedImage(NamedTuple):
 
 @dataclass
 class BagSummary:
-    """What :func:`write_bag` wrote."""
+    """Counts and time span of a bag written by :func:`write_bag`."""
 
     path: Path
     storage: BagStorage
@@ -243,7 +241,7 @@ def write_bag(
         writer = Writer(staging, version=BAG_VERSION, storage_plugin=_plugin(storage))
         for key, value in (custom_data or {}).items():
             writer.set_custom_data(key, str(value))
-        writer.set_custom_data(KEYFRAMES_METADATA_KEY, keyframes.describe())
+        writer.set_custom_data(METADATA_KEYFRAMES, keyframes.describe())
         with writer:
             encoder = _BagEncoder(writer, topics, keyframes)
             for frame in frames:
@@ -267,7 +265,7 @@ def write_bag(
     )
     if summary.max_rotation_change > 1e-9:
         logger.info(
-            "pose rotations were not exactly orthonormal: the bag holds their nearest rotations "
+            "pose rotations were not exactly orthonormal: the bag contains their nearest rotations "
             "(largest matrix entry change %.2g)", summary.max_rotation_change,
         )
     return summary
@@ -575,6 +573,7 @@ def _check_replaceable_bag(path: Path) -> None:
     foreign = [e.name for e in entries if not (e.is_file() and e.name.endswith(BAG_FILE_SUFFIXES))]
     if foreign:
         raise BagOutputError(
-            f"cannot overwrite {path}: it holds files a bag does not ({', '.join(sorted(foreign)[:5])}); "
+            f"cannot overwrite {path}: it contains files that are not part of a bag "
+            f"({', '.join(sorted(foreign)[:5])}); "
             "remove them yourself or choose another --out"
         )

@@ -80,7 +80,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def command_run(args: argparse.Namespace) -> int:
     from surfel_mapping_node.config import MapperConfig, preset_for_format
 
-    config = MapperConfig.from_dict(preset_for_format(args.format))
+    format_for_preset = args.format
+    if args.format == "bag":
+        from surfel_mapping_node.datasets.rosbag import source_format_of_bag
+
+        # A converted bag records its source format, whose sensor preset applies.
+        format_for_preset = source_format_of_bag(args.path) if args.path.exists() else None
+    config = MapperConfig.from_dict(preset_for_format(format_for_preset))
     if args.config is not None:
         config = config.merged_with_yaml(args.config)
     return map_dataset(args.path, args.format, config, args)

@@ -87,6 +87,9 @@ class SurfelConfig:
     # ... of which at least this fraction lies within inlier_range_m of the fitted plane.
     min_inlier_ratio: float = 0.8
     inlier_range_m: float = 0.05
+    # Huber-reweighted steps of the plane fit after its PCA start (Huber threshold
+    # inlier_range_m / 2).
+    plane_iterations: int = 3
     # Surfels seen at a view cosine below this (grazing angle) are not made or fused.
     min_view_cosine: float = 0.1
     # Weight of a new surfel: min(1, weight_depth_scale_m² / depth²) (a depth-noise model).

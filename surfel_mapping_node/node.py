@@ -22,10 +22,10 @@ Every parameter is listed once in PARAMETER_SPECS (node options) or comes from
 MapperConfig (mapper options, flattened as ``section.name``, e.g. ``fusion.max_weight``);
 both are declared with descriptors and validated before the node starts.
 
-Threads: subscriptions only decode and queue (one callback group); a timer in a
-second group integrates the newest matched frame, publishes and saves, so a slow
-frame delays the map, never the message callbacks, and frames that arrive while the
-mapper is busy are dropped and counted.
+Threads: subscriptions only decode and queue messages, in one callback group. A
+timer in a second group integrates the newest matched frame, publishes and saves. So
+a slow frame delays the map but never the message callbacks, and matched frames that
+arrive while the mapper is busy are dropped and counted.
 """
 
 from __future__ import annotations
@@ -682,7 +682,10 @@ class SurfelMappingNode(Node):
             frame, self._pending_frame = self._pending_frame, None
             path, self._pending_path = self._pending_path, None
         if path is not None:
-            self._apply_keyframe_path(path)
+            try:
+                self._apply_keyframe_path(path)
+            except Exception as error:  # A bad correction must not stop the mapping.
+                self._drop(f"keyframe path not applied: {error!r}", "keyframe_path_failed", throttle=True)
         if frame is not None:
             try:
                 self._process(frame)
@@ -745,6 +748,13 @@ class SurfelMappingNode(Node):
 
         # Step 3: integrate, and remember keyframes for later pose corrections.
         stats = self._mapper.integrate(image, depth_m, T_map_camera, frame.stamp_ns)
+        if stats.skipped_reason is not None:
+            self._drop(
+                f"frame at {frame.stamp_ns} ns skipped by the mapper: {stats.skipped_reason}",
+                "mapper_skipped",
+                throttle=True,
+            )
+            return
         self._integrated_poses[frame.stamp_ns] = T_map_camera
         if stats.is_new_keyframe and stats.keyframe_id is not None:
             self._keyframes[stats.keyframe_id] = _Keyframe(frame.stamp_ns, T_map_camera, T_map_camera)

@@ -113,7 +113,7 @@ class DepthSource:
 
         if frame.right_image is not None and frame.baseline_m is not None:
             start = time.perf_counter()
-            depth_m = self._stereo_matcher(frame).compute_depth(frame.image, frame.right_image)
+            depth_m = self._stereo_matcher(frame).compute(frame.image, frame.right_image).depth_m
             stages_ms["stereo_depth"] = (time.perf_counter() - start) * 1e3
             return depth_m
 
@@ -121,9 +121,9 @@ class DepthSource:
 
     def _stereo_matcher(self, frame: Frame):
         if self._stereo is None:
-            from surfel_mapping_node.stereo import StereoDepth
+            from surfel_mapping_node.stereo import StereoDepthEstimator
 
-            self._stereo = StereoDepth(
+            self._stereo = StereoDepthEstimator(
                 self.config.stereo,
                 fx=frame.camera.fx,
                 baseline_m=float(frame.baseline_m),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -165,6 +166,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
             "wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
         ) as stream:
             tmp_name = stream.name
+            # Temporary files are private (0600); the result gets the usual permissions.
+            os.fchmod(stream.fileno(), _file_mode(path))
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
@@ -181,6 +184,23 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
     finally:
         if tmp_name is not None:
             Path(tmp_name).unlink(missing_ok=True)
+
+
+def _file_mode(path: Path) -> int:
+    """Return the permission bits for ``path``: the existing file's, else 0666 minus the umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        pass
+    umask = 0o022
+    try:
+        # Reading the umask from /proc avoids os.umask(), which changes it for all threads.
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o666 & ~umask
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -292,12 +312,16 @@ def _parse_header(data: bytes, path: Path) -> tuple[int, np.dtype, int]:
     fields: list[tuple[str, str]] = []
     element: str | None = None
     for line in lines:
+        if line.startswith("element") and len(line.split()) != 3:
+            raise ValueError(f"invalid PLY header line {line!r} in {path}: expected 'element NAME COUNT'")
         words = line.split()
         if not words:
             continue
         if words[0] == "element":
             element = words[1]
             if element == "vertex":
+                if not words[2].isdigit():
+                    raise ValueError(f"invalid vertex count {words[2]!r} in PLY file {path}")
                 count = int(words[2])
             elif count is None:
                 raise ValueError(f"unsupported PLY file {path}: element {element!r} comes before vertex")

@@ -41,6 +41,22 @@ def check_pose(T: np.ndarray, name: str = "pose") -> np.ndarray:
     return T
 
 
+def nearest_rigid(T: np.ndarray) -> np.ndarray:
+    """Return T with its rotation replaced by the nearest rotation matrix (SVD projection).
+
+    Ground-truth poses stored as text (7-Scenes, KITTI) are orthonormal only to about
+    1e-4; projecting them once makes a pose survive a round trip through a quaternion
+    (a ROS message or a bag) unchanged.
+    """
+    U, _, Vt = np.linalg.svd(T[:3, :3])
+    R = U @ Vt
+    if np.linalg.det(R) < 0:
+        R = U @ np.diag([1.0, 1.0, -1.0]) @ Vt
+    result = np.array(T, dtype=np.float64, copy=True)
+    result[:3, :3] = R
+    return result
+
+
 def invert(T: np.ndarray) -> np.ndarray:
     """Return the inverse of a rigid transform (exact, no general matrix inverse)."""
     R = T[:3, :3]

@@ -489,23 +489,33 @@ def _sort_pixels_by_label(labels, count):  # pragma: no cover - numba kernel
 @numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
 def _refine_depth(offsets, indices, depth, huber_delta, iterations, estimate):  # pragma: no cover
     # Huber IRLS steps of each superpixel's depth over its pixels with depth, from the
-    # given estimate (NaN: no depth, or start from the mean).
-    for s in numba.prange(offsets.shape[0] - 1):
-        start = offsets[s]
-        stop = offsets[s + 1]
-        current = estimate[s]
-        if not current > 0:
-            continue
-        for _ in range(iterations):
-            sum_w = 0.0
-            sum_wd = 0.0
-            for j in range(start, stop):
+    # given estimate (skipped where it is NaN: no depth). The depths are gathered once
+    # into a buffer, so the steps run on contiguous memory.
+    count = offsets.shape[0] - 1
+    chunk_size = 64
+    max_pixels = 0
+    for s in range(count):
+        max_pixels = max(max_pixels, offsets[s + 1] - offsets[s])
+    for chunk in numba.prange((count + chunk_size - 1) // chunk_size):
+        values = np.empty(max_pixels, np.float32)
+        for s in range(chunk * chunk_size, min(count, (chunk + 1) * chunk_size)):
+            current = estimate[s]
+            if not current > 0 or iterations == 0:
+                continue
+            n = 0
+            for j in range(offsets[s], offsets[s + 1]):
                 d = depth[indices[j]]
                 if d > 0.0 and d < np.inf:
-                    r = abs(d - current)
-                    w = 1.0 if r <= huber_delta else huber_delta / r
+                    values[n] = d
+                    n += 1
+            for _ in range(iterations):
+                sum_w = np.float32(0.0)
+                sum_wd = np.float32(0.0)
+                for i in range(n):
+                    r = abs(values[i] - current)
+                    w = min(np.float32(1.0), huber_delta / max(r, np.float32(1e-30)))
                     sum_w += w
-                    sum_wd += w * d
-            if sum_w > 0:
-                current = sum_wd / sum_w
-        estimate[s] = current
+                    sum_wd += w * values[i]
+                if sum_w > 0:
+                    current = sum_wd / sum_w
+            estimate[s] = current

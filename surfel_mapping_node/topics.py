@@ -19,8 +19,8 @@ IMAGE_TOPIC = "/camera/image"
 DEPTH_TOPIC = "/camera/depth"
 CAMERA_INFO_TOPIC = "/camera/camera_info"
 
-# Rectified stereo pair and the intrinsics of each camera (the right camera's P holds
-# the baseline term P[0, 3] = -fx * baseline_m, REP 104).
+# Rectified stereo pair and the intrinsics of each camera (the right camera's P
+# contains the baseline term P[0, 3] = -fx * baseline_m, REP 104).
 LEFT_IMAGE_TOPIC = "/stereo/left/image_rect"
 RIGHT_IMAGE_TOPIC = "/stereo/right/image_rect"
 LEFT_CAMERA_INFO_TOPIC = "/stereo/left/camera_info"
@@ -39,9 +39,22 @@ DEPTH_OPTICAL_FRAME = COLOR_OPTICAL_FRAME
 LEFT_OPTICAL_FRAME = "left_camera_optical_frame"
 RIGHT_OPTICAL_FRAME = "right_camera_optical_frame"
 
+# Keys of a converted bag's metadata.yaml custom_data: how the keyframes of the Path
+# were chosen ("motion", "every_n", or "dataset" when the dataset marked them), and
+# where the frames came from.
+METADATA_KEYFRAMES = "surfel_perception.keyframes"
+KEYFRAMES_FROM_DATASET = "dataset"
+METADATA_SOURCE_FORMAT = "surfel_perception.source_format"
+METADATA_SOURCE_PATH = "surfel_perception.source_path"
+METADATA_SOURCE_FIRST = "surfel_perception.source_first"
+METADATA_SOURCE_STRIDE = "surfel_perception.source_stride"
+METADATA_SOURCE_SEQUENCE = "surfel_perception.source_sequence"
+
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
 POSE_TYPE = "geometry_msgs/msg/PoseStamped"
+# Also accepted on the pose topic when reading bags (pose.pose is the camera pose).
+ODOMETRY_TYPE = "nav_msgs/msg/Odometry"
 PATH_TYPE = "nav_msgs/msg/Path"
 
 

@@ -130,7 +130,7 @@ def replay_in_thread(bag: Path, **options) -> tuple[threading.Thread, dict]:
     return thread, result
 
 
-def test_replay_delivers_every_message_with_its_recorded_stamp(small_bag):
+def test_replay_delivers_all_stamps(small_bag):
     expected = recorded_stamps(small_bag)
     subscriber = Subscriber(QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
     try:
@@ -152,7 +152,7 @@ def test_replay_delivers_every_message_with_its_recorded_stamp(small_bag):
     assert (images[0].encoding, images[0].width, images[0].height, images[0].step) == ("rgb8", 8, 6, 24)
 
 
-def test_replay_of_chosen_topics_loops_until_stopped(small_bag):
+def test_replay_topics_loop_until_stopped(small_bag):
     subscriber = Subscriber(QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
     stop = threading.Event()
     try:
@@ -181,7 +181,7 @@ def test_replay_of_chosen_topics_loops_until_stopped(small_bag):
     assert subscriber.received[topics.IMAGE_TOPIC] == []
 
 
-def test_sensor_data_qos_reaches_best_effort_subscribers(small_bag):
+def test_replay_sensor_data_qos(small_bag):
     subscriber = Subscriber(QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT))
     try:
         thread, result = replay_in_thread(
@@ -201,13 +201,13 @@ def test_sensor_data_qos_reaches_best_effort_subscribers(small_bag):
     assert subscriber.received[topics.IMAGE_TOPIC] == recorded_stamps(small_bag)[topics.IMAGE_TOPIC]
 
 
-def test_ctrl_c_stops_the_replay_command_cleanly(small_bag):
+def test_replay_command_ctrl_c(small_bag):
     command = [sys.executable, "-m", "surfel_mapping_node.bag_cli", "replay", str(small_bag), "--loop"]
     process = subprocess.Popen(
         command, env={**os.environ, **ROS_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        # Wait until it publishes (its log says so), then interrupt it as Ctrl-C does.
+        # Wait until it publishes (its log reports it), then interrupt it as Ctrl-C does.
         lines = []
         for line in process.stderr:
             lines.append(line)
@@ -226,7 +226,7 @@ def test_ctrl_c_stops_the_replay_command_cleanly(small_bag):
     assert "Traceback" not in stderr
 
 
-def test_bad_replay_arguments_are_rejected(small_bag, tmp_path):
+def test_replay_bad_arguments(small_bag, tmp_path):
     with pytest.raises(ValueError, match="invalid rate 0"):
         replay_bag(small_bag, rate=0)
     with pytest.raises(ValueError, match=r"invalid wait -1\.0 s"):
@@ -239,7 +239,7 @@ def test_bad_replay_arguments_are_rejected(small_bag, tmp_path):
         replay_bag(small_bag, topics=["/tf"])
 
 
-def test_replay_command_reports_bad_input(tmp_path, capsys):
+def test_replay_command_bad_input(tmp_path, capsys):
     from surfel_mapping_node.bag_cli import main
 
     code = main(["replay", str(tmp_path / "missing"), "--rate", "2"])

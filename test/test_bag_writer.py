@@ -24,6 +24,7 @@ from surfel_mapping_node.bag_writer import (
 )
 from surfel_mapping_node.camera import PinholeCamera
 from surfel_mapping_node.datasets.base import Frame
+from surfel_mapping_node.datasets.rosbag import BagDataset, source_format_of_bag
 
 TYPESTORE = get_typestore(Stores.ROS2_JAZZY)
 CAMERA = PinholeCamera(width=4, height=3, fx=500.0, fy=501.0, cx=1.5, cy=1.25)
@@ -86,7 +87,7 @@ def stamp_ns(header) -> int:
 
 
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
-def test_rgbd_messages_follow_the_ros_specs(tmp_path, storage):
+def test_rgbd_message_fields_match_spec(tmp_path, storage):
     frames = rgbd_frames(2)
     summary = write_bag(frames, tmp_path / "bag", storage=storage)
     messages = read_messages(tmp_path / "bag")
@@ -140,7 +141,7 @@ def test_rgbd_messages_follow_the_ros_specs(tmp_path, storage):
         np.testing.assert_allclose([q.x, q.y, q.z, q.w], [0.0, 0.0, 0.0, 1.0], atol=1e-15)
 
 
-def test_pose_quaternion_is_the_rotation_about_z(tmp_path):
+def test_pose_quaternion_rotation_about_z(tmp_path):
     frames = rgbd_frames(1)
     frames[0].T_world_camera = pose_x(0.0, yaw_deg=90.0)
 
@@ -152,7 +153,7 @@ def test_pose_quaternion_is_the_rotation_about_z(tmp_path):
     np.testing.assert_allclose([q.x, q.y, q.z, q.w], [0.0, 0.0, math.sqrt(0.5), math.sqrt(0.5)], atol=1e-12)
 
 
-def test_stereo_messages_carry_the_baseline_in_the_right_projection(tmp_path):
+def test_stereo_right_projection_has_baseline(tmp_path):
     frames = stereo_frames(2)
 
     summary = write_bag(frames, tmp_path / "bag", storage="sqlite3")
@@ -181,7 +182,7 @@ def test_stereo_messages_carry_the_baseline_in_the_right_projection(tmp_path):
     np.testing.assert_allclose(right_info.p[3], -500.0 * 0.537, rtol=1e-15)
 
 
-def test_tum_scale_depth_becomes_32fc1_metres_with_nan_for_missing(tmp_path):
+def test_tum_depth_becomes_32fc1_metres(tmp_path):
     frames = rgbd_frames(1, depth_scale=1.0 / 5000.0)
     frames[0].depth_raw[0, 0] = 0
     frames[0].depth_raw[0, 1] = 5000
@@ -198,7 +199,7 @@ def test_tum_scale_depth_becomes_32fc1_metres_with_nan_for_missing(tmp_path):
     np.testing.assert_array_equal(np.round(depth_m[1:].astype(np.float64) * 5000.0), codes)
 
 
-def test_encode_depth_keeps_millimetres_and_float_metres_as_stored():
+def test_encode_depth_keeps_stored_units():
     millimetres = np.array([[0, 1234, 65535]], dtype=np.uint16)
     metres = np.array([[np.nan, 1.5, 2.25]], dtype=np.float32)
 
@@ -211,7 +212,7 @@ def test_encode_depth_keeps_millimetres_and_float_metres_as_stored():
     np.testing.assert_array_equal(data_m, metres)
 
 
-def test_keyframe_path_by_motion_lists_every_keyframe_so_far(tmp_path):
+def test_keyframe_path_by_motion(tmp_path):
     # Steps of 0.04 m: a keyframe when more than 0.1 m from the last one (the default
     # mapper threshold), i.e. at 0.0, 0.12, 0.24 m -> frames 0, 3, 6.
     xs_m = [0.04 * i for i in range(8)]
@@ -233,7 +234,7 @@ def test_keyframe_path_by_motion_lists_every_keyframe_so_far(tmp_path):
     np.testing.assert_allclose(final_xs, [0.0, 0.12, 0.24], atol=1e-12)
 
 
-def test_keyframes_by_rotation_every_n_and_from_dataset(tmp_path):
+def test_keyframe_rules_rotation_every_n_dataset(tmp_path):
     frames = rgbd_frames(5, xs_m=[0.0] * 5)
     for i, frame in enumerate(frames):
         frame.T_world_camera = pose_x(0.0, yaw_deg=6.0 * i)  # 12° > 10° at frames 2 and 4
@@ -251,7 +252,7 @@ def test_keyframes_by_rotation_every_n_and_from_dataset(tmp_path):
     assert keyframe_indices(KeyframeRule(from_dataset=True), "dataset") == [1]
 
 
-def test_metadata_yaml_describes_the_bag_for_ros2_bag_info(tmp_path):
+def test_metadata_yaml_content(tmp_path):
     write_bag(rgbd_frames(3), tmp_path / "bag", storage="mcap", custom_data={"source": "unit test"})
 
     metadata = yaml.safe_load((tmp_path / "bag" / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
@@ -270,7 +271,7 @@ def test_metadata_yaml_describes_the_bag_for_ros2_bag_info(tmp_path):
     assert metadata["custom_data"] == {"source": "unit test", "surfel_perception.keyframes": "motion"}
 
 
-def test_existing_bag_needs_overwrite_and_is_replaced_with_it(tmp_path):
+def test_existing_bag_needs_overwrite(tmp_path):
     write_bag(rgbd_frames(2), tmp_path / "bag")
 
     with pytest.raises(BagOutputError, match=r"exists already.*--overwrite"):
@@ -282,7 +283,7 @@ def test_existing_bag_needs_overwrite_and_is_replaced_with_it(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bag"]
 
 
-def test_overwrite_refuses_a_folder_that_is_not_a_bag(tmp_path):
+def test_overwrite_rejects_non_bag_folder(tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "holiday.jpg").write_bytes(b"jpeg")
 
@@ -291,7 +292,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_bag(tmp_path):
     assert (tmp_path / "photos" / "holiday.jpg").is_file()
 
 
-def test_output_under_a_file_is_refused(tmp_path):
+def test_output_under_file_rejected(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
 
     with pytest.raises(BagOutputError, match="is a file, not a folder"):
@@ -299,7 +300,7 @@ def test_output_under_a_file_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write to read-only folders")
-def test_unwritable_output_folder_is_refused(tmp_path):
+def test_unwritable_output_folder_rejected(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
@@ -344,7 +345,7 @@ def test_failed_conversion_leaves_no_partial_bag(tmp_path):
         (lambda f: f[0].T_world_camera.__setitem__((0, 0), 2.0), "not orthonormal"),
     ],
 )
-def test_invalid_frames_are_rejected_with_the_reason(tmp_path, change, message):
+def test_invalid_frames_rejected(tmp_path, change, message):
     frames = rgbd_frames(2)
     change(frames)
 
@@ -353,7 +354,7 @@ def test_invalid_frames_are_rejected_with_the_reason(tmp_path, change, message):
     assert not (tmp_path / "bag").exists()
 
 
-def test_mixing_rgbd_and_stereo_frames_is_rejected(tmp_path):
+def test_mixed_rgbd_stereo_rejected(tmp_path):
     frames = [rgbd_frames(1)[0], stereo_frames(2)[1]]
     frames[1].stamp_ns = frames[0].stamp_ns + 1
 
@@ -361,7 +362,7 @@ def test_mixing_rgbd_and_stereo_frames_is_rejected(tmp_path):
         write_bag(frames, tmp_path / "bag")
 
 
-def test_bad_stereo_baseline_and_empty_input_and_storage_are_rejected(tmp_path):
+def test_bad_baseline_empty_input_storage(tmp_path):
     frames = stereo_frames(1)
     frames[0].baseline_m = -0.5
 
@@ -383,7 +384,7 @@ def test_invalid_keyframe_rules_are_rejected():
 # --- the convert command ---------------------------------------------------------------
 
 
-def test_convert_rejects_an_unknown_format(tmp_path, capsys):
+def test_convert_unknown_format(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bag_main(["convert", str(tmp_path), "--format", "euroc", "--out", str(tmp_path / "bag")])
 
@@ -391,7 +392,7 @@ def test_convert_rejects_an_unknown_format(tmp_path, capsys):
     assert "invalid choice: 'euroc'" in capsys.readouterr().err
 
 
-def test_convert_rejects_a_missing_dataset_before_any_work(tmp_path, capsys):
+def test_convert_missing_dataset(tmp_path, capsys):
     code = bag_main(
         ["convert", str(tmp_path / "nowhere"), "--format", "7scenes", "--out", str(tmp_path / "bag")]
     )
@@ -401,7 +402,7 @@ def test_convert_rejects_a_missing_dataset_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "bag").exists()
 
 
-def test_convert_refuses_an_existing_bag_without_overwrite(tmp_path, capsys):
+def test_convert_existing_bag_without_overwrite(tmp_path, capsys):
     (tmp_path / "bag").mkdir()
 
     code = bag_main(["convert", str(tmp_path), "--format", "7scenes", "--out", str(tmp_path / "bag")])
@@ -410,7 +411,7 @@ def test_convert_refuses_an_existing_bag_without_overwrite(tmp_path, capsys):
     assert "exists already: choose another --out or pass --overwrite" in capsys.readouterr().err
 
 
-def test_convert_rejects_a_negative_keyframe_interval(tmp_path, capsys):
+def test_convert_negative_keyframe_interval(tmp_path, capsys):
     code = bag_main(
         [
             "convert",
@@ -428,7 +429,7 @@ def test_convert_rejects_a_negative_keyframe_interval(tmp_path, capsys):
     assert "invalid --keyframe-every -2" in capsys.readouterr().err
 
 
-def test_convert_writes_a_7scenes_excerpt(seven_scenes_dir, tmp_path, capsys):
+def test_convert_7scenes_excerpt(seven_scenes_dir, tmp_path, capsys):
     code = bag_main(
         [
             "convert",
@@ -457,3 +458,39 @@ def test_convert_writes_a_7scenes_excerpt(seven_scenes_dir, tmp_path, capsys):
     metadata = yaml.safe_load((tmp_path / "bag" / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
     assert metadata["custom_data"]["surfel_perception.source_format"] == "7scenes"
     assert metadata["custom_data"]["surfel_perception.source_first"] == "2"
+    with BagDataset(tmp_path / "bag") as bag:
+        assert (len(bag), bag.kind, bag.source_format) == (3, "rgbd", "7scenes")
+    assert source_format_of_bag(tmp_path / "bag") == "7scenes"
+    assert source_format_of_bag(tmp_path) is None
+
+
+def test_convert_kitti_keyframe_every_n(kitti_dir, tmp_path):
+    code = bag_main(
+        [
+            "convert",
+            str(kitti_dir),
+            "--format",
+            "kitti",
+            "--sequence",
+            "0",
+            "--out",
+            str(tmp_path / "bag"),
+            "--max-frames",
+            "5",
+            "--keyframe-every",
+            "2",
+            "--no-progress",
+        ]
+    )
+
+    assert code == 0
+    messages = read_messages(tmp_path / "bag")
+    _, path = messages[topics.KEYFRAMES_TOPIC][-1]
+    # KITTI times.txt of the excerpt: frame n at n * 0.1 s; keyframes at frames 0, 2, 4.
+    assert [stamp_ns(p.header) for p in path.poses] == [0, 200_000_000, 400_000_000]
+    _, right_info = messages[topics.RIGHT_CAMERA_INFO_TOPIC][0]
+    # calib.txt P1[0,3] = -fx * baseline = -386.1448.
+    np.testing.assert_allclose(right_info.p[3], -386.1448, rtol=1e-12)
+    metadata = yaml.safe_load((tmp_path / "bag" / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    assert metadata["custom_data"]["surfel_perception.source_sequence"] == "0"
+    assert metadata["custom_data"]["surfel_perception.keyframes"] == "every_n"

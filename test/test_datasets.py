@@ -360,3 +360,15 @@ def test_kitti_real_excerpt(kitti_dir: Path) -> None:
     # About 52 m of driving in the excerpt (path length over the poses).
     positions = np.array([f.T_world_camera[:3, 3] for f in dataset])
     assert 40.0 < np.linalg.norm(np.diff(positions, axis=0), axis=1).sum() < 65.0
+
+
+def test_tum_single_pose_sample_uses_nearest(tmp_path: Path) -> None:
+    make_tum(tmp_path)
+    lines = (tmp_path / "groundtruth.txt").read_text().splitlines()
+    # Only the sample at 0.1 s: the color image at 0.1 s matches it exactly, the others are too far.
+    (tmp_path / "groundtruth.txt").write_text(lines[4] + "\n")
+
+    dataset = TumRgbdDataset(tmp_path, camera=PinholeCamera(WIDTH, HEIGHT, 25.0, 25.0, 15.5, 11.5))
+
+    assert len(dataset) == 1
+    np.testing.assert_allclose(dataset[0].T_world_camera[:3, 3], [0.1, 0.0, 1.5], atol=1e-9)

@@ -68,8 +68,9 @@ def test_ilp_finds_the_exhaustive_optimum_under_a_size_budget(seed: int) -> None
 def test_ilp_respects_a_bops_budget_and_pins(seed: int) -> None:
     omega, num_params, macs = random_problem(seed + 10)
     size_budget = 0.9 * sum(num_params)
-    bops_budget = 0.5 * sum(m * 8 * 8 for m in macs)
     pinned = {0: 8, 4: 8}
+    # Feasible but binding: the pinned layers at 8 bits, the others at 4 bits on average.
+    bops_budget = sum(m * 8 * (8 if i in pinned else 4) for i, m in enumerate(macs))
 
     allocation = allocate_bits(omega, num_params, size_budget, macs, bops_budget, pinned)
     best, best_cost = brute_force(omega, num_params, size_budget, macs, bops_budget, pinned)
@@ -137,7 +138,9 @@ def test_weight_quantization_stays_on_the_narrow_grid() -> None:
         assert quant.q.min() >= -qmax and quant.q.max() <= qmax
         # Each channel's largest magnitude lands exactly on qmax.
         np.testing.assert_array_equal(np.abs(quant.q).reshape(8, -1).max(axis=1), qmax)
-        np.testing.assert_allclose(np.abs(quant.dequantize() - w).max(), quant.scale.max() / 2, rtol=0.0, atol=1e-6)
+        # Rounding to the nearest level errs by at most half a step per channel.
+        error = np.abs(quant.dequantize() - w).reshape(8, -1).max(axis=1)
+        assert np.all(error <= quant.scale / 2 + 1e-6)
 
 
 def test_sensitivity_is_mean_trace_times_quantization_error() -> None:
@@ -160,7 +163,9 @@ def test_activation_parameters_by_hand() -> None:
     np.testing.assert_allclose(relu.scale, 0.01, rtol=1e-6)
     assert relu.zero_point == 0
     np.testing.assert_allclose(signed.scale, 2 / 255, rtol=1e-6)
-    assert signed.zero_point == 128  # round(127.5) half to even
+    # -rmin / scale is 127.5 up to float32 rounding: either neighbour, and the grid covers [-1, 1].
+    assert signed.zero_point in (127, 128)
+    assert signed.rmin <= -1.0 + signed.scale and signed.rmax >= 1.0 - signed.scale
     # A range that excludes 0 is widened so that 0 is exact.
     assert activation_qparams(0.5, 1.0).zero_point == 0
 

@@ -69,7 +69,9 @@ def test_two_layers_get_their_own_diagonal_blocks() -> None:
 
     for curvature, xi in zip(curvatures, (x1, x2), strict=True):
         gram = xi.astype(np.float64).T @ xi.astype(np.float64)
-        np.testing.assert_allclose(curvature.top_eigenvalue, 2 / n * np.linalg.eigvalsh(gram).max(), rtol=0.01)
+        np.testing.assert_allclose(
+            curvature.top_eigenvalue, 2 / n * np.linalg.eigvalsh(gram).max(), rtol=0.01
+        )
         np.testing.assert_allclose(curvature.trace, 2 / n * np.trace(gram), rtol=0.05)
 
 
@@ -90,9 +92,7 @@ def test_layer_that_does_not_reach_the_loss_is_named() -> None:
     x = torch.arange(3.0)
 
     with pytest.raises(LayerNotInLossError, match=r"\['head_unused'\] do not influence the loss"):
-        layer_curvatures(
-            [lambda: (x * used).pow(2).sum()], [1], [used, unused], ["conv_used", "head_unused"]
-        )
+        layer_curvatures([lambda: (x * used).pow(2).sum()], [1], [used, unused], ["conv_used", "head_unused"])
 
 
 def test_loss_linear_in_a_layer_gives_zero_curvature() -> None:

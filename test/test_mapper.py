@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from surfel_mapping_node import surfel_extraction
 from surfel_mapping_node.camera import PinholeCamera
 from surfel_mapping_node.config import KeyframeConfig, MapperConfig
 from surfel_mapping_node.mapper import SurfelMapper
@@ -290,8 +289,6 @@ def _textured_wall_images(camera: PinholeCamera, T_world_camera: np.ndarray) -> 
 
 
 def test_end_to_end_textured_wall() -> None:
-    if not hasattr(surfel_extraction, "extract_surfels"):
-        pytest.skip("surfel_extraction.extract_surfels is not implemented yet")
     camera = PinholeCamera(width=160, height=120, fx=150.0, fy=150.0, cx=79.5, cy=59.5)
     mapper = SurfelMapper(MapperConfig(), camera)
 

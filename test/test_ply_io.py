@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -141,6 +142,24 @@ def test_invalid_input_keeps_the_old_file(tmp_path: Path) -> None:
 
     assert path.read_bytes() == old_bytes
     assert sorted(os.listdir(tmp_path)) == ["map.ply"]
+
+
+def test_new_file_gets_usual_permissions(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    os.umask(umask)
+
+    path = write_surfel_ply(tmp_path / "map.ply", make_cloud(2))
+
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_overwrite_keeps_existing_permissions(tmp_path: Path) -> None:
+    path = write_surfel_ply(tmp_path / "map.ply", make_cloud(2))
+    path.chmod(0o640)
+
+    write_surfel_ply(path, make_cloud(3))
+
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
 def test_overwrite_replaces_the_file(tmp_path: Path) -> None:

@@ -12,10 +12,12 @@ from rosbags.typesys import Stores, get_typestore
 from surfel_mapping_node import topics
 from surfel_mapping_node.bag_writer import KeyframeRule, write_bag
 from surfel_mapping_node.camera import PinholeCamera
+from surfel_mapping_node.config import MapperConfig
 from surfel_mapping_node.datasets.base import Frame
 from surfel_mapping_node.datasets.kitti import KittiOdometryDataset
 from surfel_mapping_node.datasets.rosbag import BagDataset, BagFormatError, decode_image
 from surfel_mapping_node.datasets.seven_scenes import SevenScenesDataset
+from surfel_mapping_node.pipeline import run_pipeline
 
 TYPESTORE = get_typestore(Stores.ROS2_JAZZY)
 CAMERA = PinholeCamera(width=4, height=3, fx=500.0, fy=500.0, cx=1.5, cy=1.0)
@@ -65,7 +67,7 @@ def assert_same_frame(read: Frame, original: Frame) -> None:
 
 
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
-def test_7scenes_round_trip_is_bit_exact(seven_scenes_dir, tmp_path, storage):
+def test_7scenes_round_trip_bit_exact(seven_scenes_dir, tmp_path, storage):
     source = SevenScenesDataset(seven_scenes_dir)
     originals = [source[i] for i in range(10)]
 
@@ -83,8 +85,42 @@ def test_7scenes_round_trip_is_bit_exact(seven_scenes_dir, tmp_path, storage):
             np.testing.assert_allclose(read.T_world_camera, original.T_world_camera, atol=2e-4)
 
 
+class FrameList:
+    """The Dataset protocol over frames held in memory."""
+
+    def __init__(self, frames: list[Frame]) -> None:
+        self.frames = frames
+        self.camera = frames[0].camera
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> Frame:
+        return self.frames[index]
+
+    def __iter__(self):
+        return iter(self.frames)
+
+
+def test_bag_maps_like_its_source(seven_scenes_dir, tmp_path):
+    # Rigid poses, as a SLAM system reports them: then the bag carries them exactly.
+    frames = [SevenScenesDataset(seven_scenes_dir)[i] for i in range(5)]
+    for frame in frames:
+        frame.T_world_camera = nearest_rigid(frame.T_world_camera)
+    config = MapperConfig()
+
+    write_bag(frames, tmp_path / "bag")
+    source_cloud = run_pipeline(FrameList(frames), config, range(5)).mapper.cloud()
+    with BagDataset(tmp_path / "bag") as bag:
+        bag_cloud = run_pipeline(bag, config, range(5)).mapper.cloud()
+
+    assert len(source_cloud.position_m) > 1000
+    for field in ("position_m", "normal", "color_rgb", "radius_m", "confidence", "keyframe_id"):
+        np.testing.assert_array_equal(getattr(bag_cloud, field), getattr(source_cloud, field), err_msg=field)
+
+
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
-def test_kitti_round_trip_is_bit_exact(kitti_dir, tmp_path, storage):
+def test_kitti_round_trip_bit_exact(kitti_dir, tmp_path, storage):
     source = KittiOdometryDataset(kitti_dir, "00")
     originals = [source[i] for i in range(5)]
 
@@ -98,7 +134,7 @@ def test_kitti_round_trip_is_bit_exact(kitti_dir, tmp_path, storage):
         assert [f.stamp_ns for f in bag] == [0, 100_000_000, 200_000_000, 300_000_000, 400_000_000]
 
 
-def test_keyframe_ids_come_from_the_latest_path_when_asked(tmp_path):
+def test_keyframe_ids_from_latest_path(tmp_path):
     frames = rgbd_frames(6, step_m=0.06)  # keyframes at 0, 0.12, 0.24 m: frames 0, 2, 4
 
     write_bag(frames, tmp_path / "bag")
@@ -112,7 +148,7 @@ def test_keyframe_ids_come_from_the_latest_path_when_asked(tmp_path):
     np.testing.assert_allclose(keyframe_poses[frames[4].stamp_ns], frames[4].T_world_camera, atol=1e-12)
 
 
-def test_keyframes_from_the_dataset_are_kept_by_default(tmp_path):
+def test_dataset_keyframes_kept_by_default(tmp_path):
     frames = rgbd_frames(4)
     frames[1].keyframe_id = 7
     frames[3].keyframe_id = 8
@@ -226,7 +262,7 @@ def recorded_bag(path, pose_offset_ns: int, depth_stamps_ns=(0, 100_000_000, 200
     )
 
 
-def test_depth_and_pose_are_matched_by_header_stamp_within_the_tolerance(tmp_path):
+def test_stamp_matching_within_tolerance(tmp_path):
     recorded_bag(tmp_path / "bag", pose_offset_ns=400_000)
 
     with BagDataset(tmp_path / "bag", stamp_tolerance_ns=500_000) as bag:
@@ -243,7 +279,7 @@ def test_depth_and_pose_are_matched_by_header_stamp_within_the_tolerance(tmp_pat
     assert frames[0].keyframe_id is None
 
 
-def test_images_without_depth_or_pose_are_skipped_and_none_left_is_an_error(tmp_path):
+def test_unmatched_images_skipped(tmp_path):
     recorded_bag(tmp_path / "partial", pose_offset_ns=0, depth_stamps_ns=(0, 200_000_000))
     recorded_bag(tmp_path / "late", pose_offset_ns=2_000_000)
 
@@ -253,7 +289,7 @@ def test_images_without_depth_or_pose_are_skipped_and_none_left_is_an_error(tmp_
         BagDataset(tmp_path / "late")
 
 
-def test_missing_topics_name_what_was_found_and_expected(tmp_path):
+def test_missing_topics_error_lists_topics(tmp_path):
     write_raw_bag(
         tmp_path / "bag",
         {
@@ -278,7 +314,7 @@ def test_missing_topics_name_what_was_found_and_expected(tmp_path):
     assert "/stereo/left/image_rect" in message
 
 
-def test_a_bag_without_poses_is_rejected(tmp_path):
+def test_bag_without_poses_rejected(tmp_path):
     write_bag(rgbd_frames(2), tmp_path / "bag")
     write_raw_bag(
         tmp_path / "no_pose",
@@ -299,7 +335,7 @@ def test_a_bag_without_poses_is_rejected(tmp_path):
         BagDataset(tmp_path / "no_pose")
 
 
-def test_other_topic_names_can_be_read(tmp_path):
+def test_custom_topic_names(tmp_path):
     renamed = topics.TopicNames(image="/rgb", depth="/d", camera_info="/info", pose="/vins/pose")
     write_bag(rgbd_frames(2), tmp_path / "bag", topics=renamed)
 
@@ -309,7 +345,7 @@ def test_other_topic_names_can_be_read(tmp_path):
         assert len(bag) == 2
 
 
-def test_bad_arguments_and_indices_are_rejected(tmp_path):
+def test_bad_arguments_and_indices(tmp_path):
     write_bag(rgbd_frames(2), tmp_path / "bag")
 
     with pytest.raises(FileNotFoundError, match="bag not found"):
@@ -330,7 +366,7 @@ def test_bad_arguments_and_indices_are_rejected(tmp_path):
         bag[0]
 
 
-def test_decode_image_honours_row_padding_and_byte_order():
+def test_decode_image_padding_byte_order():
     # 2×3 mono16 rows padded to 8 bytes, big-endian: 0x0102 = 258 first.
     rows = [b"\x01\x02\x00\x03\x00\x04\xff\xff", b"\x00\x05\x00\x06\x00\x07\xff\xff"]
     message = types.SimpleNamespace(
@@ -343,7 +379,7 @@ def test_decode_image_honours_row_padding_and_byte_order():
     assert pixels.dtype == np.uint16
 
 
-def test_decode_image_drops_alpha_and_reorders_bgr():
+def test_decode_image_bgra_to_rgb():
     message = types.SimpleNamespace(
         encoding="bgra8", height=1, width=2, step=8, is_bigendian=0, data=bytes([1, 2, 3, 4, 5, 6, 7, 8])
     )
@@ -351,7 +387,7 @@ def test_decode_image_drops_alpha_and_reorders_bgr():
     np.testing.assert_array_equal(decode_image(message), [[[3, 2, 1], [7, 6, 5]]])
 
 
-def test_decode_image_rejects_bad_encodings_and_sizes():
+def test_decode_image_bad_encoding_size():
     short = types.SimpleNamespace(encoding="mono8", height=2, width=3, step=3, is_bigendian=0, data=bytes(5))
     jpeg = types.SimpleNamespace(encoding="jpeg", height=2, width=3, step=3, is_bigendian=0, data=bytes(6))
 
@@ -359,3 +395,53 @@ def test_decode_image_rejects_bad_encodings_and_sizes():
         decode_image(short)
     with pytest.raises(BagFormatError, match="unsupported image encoding 'jpeg'"):
         decode_image(jpeg)
+
+
+def test_wrong_topic_type_rejected(tmp_path):
+    recorded_bag(tmp_path / "bag", pose_offset_ns=0)
+    renamed = topics.TopicNames(pose=topics.CAMERA_INFO_TOPIC)
+
+    with pytest.raises(BagFormatError, match="topic /camera/camera_info has type sensor_msgs/msg/CameraInfo"):
+        BagDataset(tmp_path / "bag", topics=renamed)
+
+
+def test_odometry_poses_accepted(tmp_path):
+    t = TYPESTORE.types
+    stamps = [0, 100_000_000]
+    odometry = []
+    for s in stamps:
+        pose = pose_message(s, s * 1e-9).pose
+        covariance = t["geometry_msgs/msg/PoseWithCovariance"](pose=pose, covariance=np.zeros(36))
+        twist = t["geometry_msgs/msg/TwistWithCovariance"](
+            twist=t["geometry_msgs/msg/Twist"](
+                linear=t["geometry_msgs/msg/Vector3"](x=0.0, y=0.0, z=0.0),
+                angular=t["geometry_msgs/msg/Vector3"](x=0.0, y=0.0, z=0.0),
+            ),
+            covariance=np.zeros(36),
+        )
+        message = t["nav_msgs/msg/Odometry"](
+            header=header(s, "map"), child_frame_id="cam", pose=covariance, twist=twist
+        )
+        odometry.append((s, message))
+    write_raw_bag(
+        tmp_path / "bag",
+        {
+            topics.IMAGE_TOPIC: (
+                "sensor_msgs/msg/Image",
+                [(s, image_message(s, "mono8", bytes(12), 4, 3, 4)) for s in stamps],
+            ),
+            topics.DEPTH_TOPIC: (
+                "sensor_msgs/msg/Image",
+                [(s, image_message(s, "32FC1", bytes(48), 4, 3, 16)) for s in stamps],
+            ),
+            topics.CAMERA_INFO_TOPIC: ("sensor_msgs/msg/CameraInfo", [(0, camera_info_message(0))]),
+            topics.POSE_TOPIC: ("nav_msgs/msg/Odometry", odometry),
+        },
+    )
+
+    with BagDataset(tmp_path / "bag") as bag:
+        frames = list(bag)
+
+    np.testing.assert_allclose([f.T_world_camera[0, 3] for f in frames], [0.0, 0.1], atol=1e-15)
+    assert frames[1].depth_raw.dtype == np.float32
+    assert frames[1].depth_scale == 1.0

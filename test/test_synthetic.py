@@ -172,6 +172,17 @@ def test_frames_follow_the_dataset_interface() -> None:
         dataset[5]
 
 
+def test_render_range_limits_depth() -> None:
+    dataset = SyntheticDataset.corridor(n_frames=30, camera=SMALL_CAMERA.scaled(80, 60))
+    exact = dataset.render(0).depth_m
+
+    limited = SyntheticDataset(dataset.scene, dataset.T_world_camera, dataset.camera, max_depth_m=5.0)
+    depth_m = limited.render(0).depth_m
+
+    np.testing.assert_array_equal(np.isnan(depth_m), ~(exact <= 5.0))
+    np.testing.assert_allclose(depth_m[exact <= 5.0], exact[exact <= 5.0])
+
+
 def test_room_trajectory_is_smooth() -> None:
     poses = SyntheticDataset.room(n_frames=300, camera=SMALL).T_world_camera
 
@@ -214,5 +225,7 @@ def test_invalid_inputs_raise() -> None:
         Sphere((0, 0, 0), 0)
     with pytest.raises(ValueError, match=r"invalid trajectory shape \(4, 4\)"):
         SyntheticDataset(scene, np.eye(4))
+    with pytest.raises(ValueError, match=r"invalid max_depth_m=0"):
+        scene.render(SMALL, look_at(np.array([3.0, 2.5, 1.5]), np.array([1.0, 0.0, 0.0])), max_depth_m=0)
     with pytest.raises(ValueError, match=r"invalid n_frames=0"):
         SyntheticDataset.room(n_frames=0)

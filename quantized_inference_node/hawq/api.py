@@ -474,19 +474,26 @@ def finetune(
     torch.manual_seed(seed)
     module = prepared.module
     shadows = [w.detach().clone() for w in prepared.weights]
+
+    # The float model's outputs, for a distillation loss.
+    transforms = module.activation_transforms
+    module.set_activation_transform(None)
+    with torch.no_grad():
+        teachers = [_first_output(module(**_torch_feeds(batch))).detach() for batch in batches]
+    module.set_activation_transform(transforms)
     for position, layer_index in enumerate(order):
         active = order[: position + 1]
         trainable = [shadows[i].requires_grad_(True) for i in active]
         optimizer = torch.optim.Adam(trainable, lr=lr)
         for _ in range(epochs):
-            for batch in batches:
-                feeds = {n: torch.from_numpy(a) for n, a in batch.feeds.items()}
+            for batch, teacher in zip(batches, teachers, strict=True):
+                feeds = _torch_feeds(batch)
                 with torch.no_grad():
                     for w, s, layer, b in zip(prepared.weights, shadows, prepared.layers, bits, strict=True):
                         w.copy_(fake_quantize_weight(s, b, layer.channel_axis))
                 output = _first_output(module(**feeds))
                 labels = torch.from_numpy(np.asarray(batch.labels))
-                loss = make_loss(kind, output, output.detach(), labels)
+                loss = make_loss(kind, output, teacher, labels)
                 grads = torch.autograd.grad(loss, [prepared.weights[i] for i in active])
                 optimizer.zero_grad()
                 for shadow, grad in zip(trainable, grads, strict=True):
@@ -726,7 +733,8 @@ def export_configuration(analysis: Analysis, bits: Sequence[int], out_path: str 
     qdq = build_qdq_model(float_model, prepared.layers, list(bits), analysis.qparams)
     export = write_qdq_model(qdq, out_path)
 
-    reference = onnxruntime_outputs(float_model, analysis.batches)
+    # The reference is the original float model, also after fine-tuning.
+    reference = onnxruntime_outputs(prepared.onnx_model, analysis.batches)
     quantized = onnxruntime_outputs(out_path, analysis.batches)
     set_activation_quantization(prepared, analysis.qparams)
     try:

@@ -50,7 +50,11 @@ def _float_list(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser (defaults come from QuantizeOptions and HessianSettings)."""
+    """Return the argument parser.
+
+    The defaults repeat QuantizeOptions' and HessianSettings' so that --help needs no
+    PyTorch import; a test keeps the two in step.
+    """
     parser = argparse.ArgumentParser(
         prog="hawq-quantize",
         description="Quantize an FP32 ONNX model with HAWQ mixed-precision weights (2/4/8 bits, "
@@ -59,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+    # Inputs and output.
     parser.add_argument("model", type=Path, help="FP32 ONNX model (MODEL.onnx)")
     parser.add_argument(
         "--calib",
@@ -71,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels", type=Path, help=".npy (or .npz with one array) of labels, one per calibration sample"
     )
     parser.add_argument("--out", type=Path, required=True, help="QDQ .onnx file to write")
+
+    # Budgets and bit widths.
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument(
         "--size-ratio", type=float, help="weight size budget as a fraction of FP32, e.g. 0.1667"
@@ -86,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pin-first-last", action="store_true", help="keep the first and last layers at 8 bits"
     )
     parser.add_argument("--report", type=Path, help="folder for report.json, report.md and sensitivity.png")
+
+    # Analysis settings.
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--batch-size", type=int, default=32, help="calibration samples per batch (default 32)"
@@ -118,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="quantization-aware fine-tuning epochs per layer block (needs --labels; default 0)",
     )
+
+    # Image-folder preprocessing.
     parser.add_argument("--image-size", type=_int_list, help="image folder: resize to HEIGHT,WIDTH")
     parser.add_argument(
         "--mean", type=_float_list, help="image folder: per-channel mean after scaling to [0, 1]"
@@ -129,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--layout", choices=["NCHW", "NHWC"], default="NCHW", help="image folder tensor layout"
     )
+
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     return parser
 
@@ -231,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     bits = ",".join(str(b) for b in result.allocation.bits)
     agreement = result.fidelity.top1_agreement
     print(
-        f"wrote {result.export.path} ({result.export.file_bytes / 1e3:.1f} kB); weight bits per layer {bits}; "
+        f"wrote {result.export.path} ({result.export.file_bytes / 1e3:.1f} kB); "
+        f"weight bits per layer {bits}; "
         f"weights {100 * result.allocation.size_bytes / result.fp32_weight_bytes:.1f} % of FP32"
         + (f"; top-1 agreement with FP32 {agreement:.4f}" if agreement is not None else "")
         + (f"; accuracy {result.fidelity.accuracy:.4f}" if result.fidelity.accuracy is not None else "")

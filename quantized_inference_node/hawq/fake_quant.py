@@ -27,7 +27,7 @@ MIN_SCALE = 1e-12
 
 
 class RangeMethod(str, Enum):
-    """How an activation range is taken from calibration data."""
+    """Method of taking an activation range from calibration data."""
 
     MINMAX = "minmax"
     PERCENTILE = "percentile"

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,13 +75,6 @@ class OnnxLayer:
     relu: str | None
     bias: str | None
     num_params: int
-
-
-@dataclass
-class ActivationPlan:
-    """Which activation tensors get QDQ pairs, with their uint8 parameters."""
-
-    qparams: dict[str, ActivationQParams] = field(default_factory=dict)
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -282,7 +275,7 @@ def _int4_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What was written.
+    """A written QDQ model file and its sizes.
 
     Attributes:
         path: The QDQ model file.
@@ -326,7 +319,7 @@ def build_qdq_model(
         except Exception as error:
             raise ExportError(
                 f"cannot upgrade the model from opset {default_opset(model)} to {target}: {error}; "
-                "re-export the float model at opset >= {target}"
+                f"re-export the float model at opset >= {target}"
             ) from error
     else:
         model = onnx.ModelProto.FromString(model.SerializeToString())

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
+import cv2
 import numpy as np
 
 from surfel_mapping_node.camera import PinholeCamera
@@ -44,3 +46,18 @@ class Dataset(Protocol):
     def __getitem__(self, index: int) -> Frame: ...
 
     def __iter__(self) -> Iterator[Frame]: ...
+
+
+def read_image(path: Path, color: bool = True) -> np.ndarray:
+    """Read an 8-bit image file as (H, W, 3) RGB or, with COLOR false, (H, W) gray.
+
+    Raises:
+        FileNotFoundError: when PATH does not exist.
+        ValueError: when the file cannot be decoded as an image.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{'color' if color else 'gray'} image not found: {path}")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR if color else cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise ValueError(f"failed to decode image {path}: the file is corrupt or not an image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if color else image

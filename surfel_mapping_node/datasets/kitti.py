@@ -18,12 +18,11 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from surfel_mapping_node.camera import PinholeCamera
-from surfel_mapping_node.datasets.base import Frame
-from surfel_mapping_node.poses import check_pose
+from surfel_mapping_node.datasets.base import Frame, read_image
+from surfel_mapping_node.poses import check_pose, nearest_rigid
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ class KittiOdometryDataset:
         self._names = sorted(p.name for p in self._left_dir.glob("*.png"))
         if not self._names:
             raise FileNotFoundError(f"no .png images in {self._left_dir}")
-        first = _read_image(self._left_dir / self._names[0], color)
+        first = read_image(self._left_dir / self._names[0], color)
         height, width = first.shape[:2]
         self.camera = PinholeCamera.from_P(P_left, width, height)
         # Rectified cameras differ by a translation t = K⁻¹·P[:, 3] (p_cam = p_cam0 + t).
@@ -99,12 +98,19 @@ class KittiOdometryDataset:
                 raise ValueError(f"{path} has {rows} lines for {len(self._names)} images in {self._left_dir}")
         self._stamps_ns = np.round(times_s * 1e9).astype(np.int64)
         self._poses = [
-            check_pose(row.reshape(3, 4), name=f"pose on line {i + 1} of {poses_path}") @ T_cam0_camera
+            nearest_rigid(check_pose(row.reshape(3, 4), name=f"pose on line {i + 1} of {poses_path}"))
+            @ T_cam0_camera
             for i, row in enumerate(poses[: len(self._names)])
         ]
         logger.info(
             "KITTI %s sequence %s: %d %s pairs, %dx%d, baseline %.3f m",
-            self.root, self.sequence, len(self), "color" if color else "gray", width, height, self.baseline_m,
+            self.root,
+            self.sequence,
+            len(self),
+            "color" if color else "gray",
+            width,
+            height,
+            self.baseline_m,
         )
 
     def __len__(self) -> int:
@@ -126,8 +132,8 @@ class KittiOdometryDataset:
         index %= len(self)
         name = self._names[index]
 
-        left = _read_image(self._left_dir / name, self.color)
-        right = _read_image(self._right_dir / name, self.color)
+        left = read_image(self._left_dir / name, self.color)
+        right = read_image(self._right_dir / name, self.color)
         for folder, image in ((self._left_dir, left), (self._right_dir, right)):
             try:
                 self.camera.check_image_shape(image.shape, "image")
@@ -185,12 +191,3 @@ def _read_rows(path: Path, columns: int) -> np.ndarray:
     if rows.size and rows.shape[1] != columns:
         raise ValueError(f"invalid {path}: {rows.shape[1]} numbers per line, expected {columns}")
     return rows.reshape(-1, columns)
-
-
-def _read_image(path: Path, color: bool) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR if color else cv2.IMREAD_GRAYSCALE)
-    if image is None:
-        raise ValueError(f"failed to decode image {path}: the file is corrupt or not an image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if color else image

@@ -11,10 +11,9 @@ the SLAM pose whose header stamps lie within ``stamp_tolerance_ns`` of the image
 Images without a matching depth or pose are skipped with one warning. Intrinsics come
 from the first CameraInfo; the stereo baseline from the right camera's
 P[0, 3] = -fx * baseline_m. A frame whose stamp matches a pose of the latest keyframe
-Path gets that keyframe's stamp in ns as ``keyframe_id`` (the id the mapper gives its
-own keyframes), unless the Path was made by the converter's motion rule, which the
-mapper applies itself: then the mapper decides, so a converted bag maps exactly like
-the dataset it came from.
+Path gets that keyframe's stamp in ns as ``keyframe_id``, the id the mapper gives its
+own keyframes. When ``surfel-map convert`` chose the keyframes by a rule, the mapper
+decides instead, so a converted bag maps exactly like the dataset it came from.
 """
 
 from __future__ import annotations
@@ -32,12 +31,23 @@ from surfel_mapping_node.camera import PinholeCamera
 from surfel_mapping_node.datasets.base import Frame
 from surfel_mapping_node.depth import MILLIMETRES_SCALE
 from surfel_mapping_node.poses import pose_from_translation_quaternion
-from surfel_mapping_node.topics import DEFAULT_TOPICS, TopicNames
+from surfel_mapping_node.topics import (
+    CAMERA_INFO_TYPE,
+    DEFAULT_TOPICS,
+    IMAGE_TYPE,
+    KEYFRAMES_FROM_DATASET,
+    METADATA_KEYFRAMES,
+    METADATA_SOURCE_FORMAT,
+    ODOMETRY_TYPE,
+    PATH_TYPE,
+    POSE_TYPE,
+    TopicNames,
+)
 
 logger = logging.getLogger(__name__)
 
-# Depth and poses stamped within this of an image belong to it; converted bags stamp
-# them identically, live recordings of synchronized sensors within microseconds.
+# Depth and poses stamped within this of an image belong to it. Converted bags stamp
+# them identically, and hardware-synchronized sensors usually agree to microseconds.
 DEFAULT_STAMP_TOLERANCE_NS = 1_000_000
 
 # Encodings of sensor_msgs/Image this reader decodes: name -> (dtype, channels).
@@ -54,20 +64,17 @@ _ENCODINGS: dict[str, tuple[np.dtype, int]] = {
     "32FC1": (np.dtype(np.float32), 1),
 }
 KEYFRAME_MODES = ("auto", "path", "none")
-# Written by bag_writer: how the converter chose the keyframes of the Path.
-_KEYFRAMES_METADATA_KEY = "surfel_perception.keyframes"
-_KEYFRAMES_FROM_DATASET = "dataset"
 _IMAGE_ENCODINGS = ("mono8", "8UC1", "rgb8", "bgr8", "8UC3", "rgba8", "bgra8")
 _DEPTH_ENCODINGS = ("16UC1", "mono16", "32FC1")
 
 
 class BagFormatError(ValueError):
-    """A bag that lacks the topics or messages a dataset needs, or holds unreadable ones."""
+    """A bag that lacks the topics or messages a dataset needs, or contains unreadable ones."""
 
 
 @dataclass(frozen=True)
 class _MessageRef:
-    """Where one message lies in the bag: its connection, bag time and header stamp."""
+    """Location of one message in the bag: its connection, bag time and header stamp."""
 
     connection: Any
     bag_ns: int
@@ -75,7 +82,7 @@ class _MessageRef:
 
 
 class _Layout(NamedTuple):
-    """Which topics make the frames of a bag."""
+    """The topics that make the frames of a bag."""
 
     # "rgbd" or "stereo".
     kind: str
@@ -195,7 +202,7 @@ class BagDataset:
             right image or pose.
         keyframes: ``"path"`` takes keyframe ids from the latest keyframe Path,
             ``"none"`` leaves ``keyframe_id`` None so the mapper picks keyframes itself,
-            ``"auto"`` (default) is ``"path"`` unless the bag's metadata says that
+            ``"auto"`` (default) is ``"path"`` unless the bag's metadata records that
             ``surfel-map convert`` chose the keyframes by a rule rather than taking
             them from the dataset.
 
@@ -232,9 +239,12 @@ class BagDataset:
         self.stamp_tolerance_ns = int(stamp_tolerance_ns)
         self.keyframes_mode = keyframes
         self.custom_data = _read_custom_data(path)
+        # The dataset format a converted bag came from (e.g. "kitti"), for its sensor
+        # preset; None for bags recorded otherwise.
+        self.source_format: str | None = self.custom_data.get(METADATA_SOURCE_FORMAT)
         if keyframes == "auto":
-            chosen_by = self.custom_data.get(_KEYFRAMES_METADATA_KEY, _KEYFRAMES_FROM_DATASET)
-            self.keyframes_mode = "path" if chosen_by == _KEYFRAMES_FROM_DATASET else "none"
+            chosen_by = self.custom_data.get(METADATA_KEYFRAMES, KEYFRAMES_FROM_DATASET)
+            self.keyframes_mode = "path" if chosen_by == KEYFRAMES_FROM_DATASET else "none"
         self._typestore = get_typestore(Stores.ROS2_JAZZY)
 
         try:
@@ -257,7 +267,8 @@ class BagDataset:
         index = index % len(self)
         refs = self._frames[index]
 
-        image = decode_image(self._read(refs.image), _IMAGE_ENCODINGS)
+        image_message, second_message = self._read(refs.image, refs.second)
+        image = decode_image(image_message, _IMAGE_ENCODINGS)
         self.camera.check_image_shape(image.shape, f"image of frame {index}")
         frame = Frame(
             index=index,
@@ -268,13 +279,12 @@ class BagDataset:
             keyframe_id=refs.keyframe_id,
         )
         if self.kind == "rgbd":
-            depth_message = self._read(refs.second)
-            frame.depth_raw = decode_image(depth_message, _DEPTH_ENCODINGS)
+            frame.depth_raw = decode_image(second_message, _DEPTH_ENCODINGS)
             # REP 118: 16-bit depth is millimetres, float depth metres.
-            frame.depth_scale = 1.0 if depth_message.encoding == "32FC1" else MILLIMETRES_SCALE
+            frame.depth_scale = 1.0 if second_message.encoding == "32FC1" else MILLIMETRES_SCALE
             self.camera.check_image_shape(frame.depth_raw.shape, f"depth of frame {index}")
         else:
-            frame.right_image = decode_image(self._read(refs.second), _IMAGE_ENCODINGS)
+            frame.right_image = decode_image(second_message, _IMAGE_ENCODINGS)
             frame.baseline_m = self.baseline_m
             self.camera.check_image_shape(frame.right_image.shape, f"right image of frame {index}")
         return frame
@@ -304,12 +314,25 @@ class BagDataset:
         return {stamp_ns: T.copy() for stamp_ns, T in self._keyframe_poses.items()}
 
     def _index(self) -> None:
-        connections = {c.topic: c for c in self._reader.connections}
+        # A topic may have several connections (several recorded publishers or files).
+        connections: dict[str, list[Any]] = {}
+        for connection in self._reader.connections:
+            connections.setdefault(connection.topic, []).append(connection)
         layout = self._choose_layout(connections)
         self.kind, info_topic = layout.kind, layout.camera_info_topic
         topics = self.topics
         if topics.pose not in connections:
             raise BagFormatError(self._missing_message(connections, [topics.pose]))
+        expected_types = {
+            layout.image_topic: (IMAGE_TYPE,),
+            layout.second_topic: (IMAGE_TYPE,),
+            info_topic: (CAMERA_INFO_TYPE,),
+            topics.pose: (POSE_TYPE, ODOMETRY_TYPE),
+            topics.keyframes: (PATH_TYPE,),
+        }
+        if self.kind == "stereo":
+            expected_types[topics.right_camera_info] = (CAMERA_INFO_TYPE,)
+        self._check_types(connections, expected_types)
 
         image_refs = self._scan_stamps(connections[layout.image_topic])
         second_refs = self._scan_stamps(connections[layout.second_topic])
@@ -348,10 +371,21 @@ class BagDataset:
         expected = rgbd if rgbd_found >= stereo_found else stereo
         raise BagFormatError(self._missing_message(connections, expected))
 
-    def _missing_message(self, connections: dict[str, Any], expected: list[str]) -> str:
+    def _check_types(
+        self, connections: dict[str, list[Any]], expected_types: dict[str, tuple[str, ...]]
+    ) -> None:
+        for topic, types in expected_types.items():
+            for connection in connections.get(topic, []):
+                if connection.msgtype not in types:
+                    raise BagFormatError(
+                        f"bag {self.path}: topic {topic} has type {connection.msgtype}, expected "
+                        f"{' or '.join(types)}; pass the right topic names with TopicNames"
+                    )
+
+    def _missing_message(self, connections: dict[str, list[Any]], expected: list[str]) -> str:
         missing = [t for t in expected if t not in connections]
         topics = self.topics
-        found = ", ".join(f"{c.topic} ({c.msgtype})" for c in connections.values()) or "none"
+        found = ", ".join(f"{topic} ({group[0].msgtype})" for topic, group in connections.items()) or "none"
         return (
             f"bag {self.path} lacks the topics {', '.join(missing)}. Topics found: {found}. "
             f"Expected RGB-D: {', '.join([topics.image, topics.depth, topics.camera_info])}, "
@@ -360,40 +394,44 @@ class BagDataset:
             "Pass other topic names with TopicNames, or convert the dataset with surfel-map convert"
         )
 
-    def _scan_stamps(self, connection: Any) -> list[_MessageRef]:
+    def _scan_stamps(self, connections: list[Any]) -> list[_MessageRef]:
         refs = []
-        for _, bag_ns, raw in self._reader.messages([connection]):
+        for connection, bag_ns, raw in self._reader.messages(connections):
             refs.append(_MessageRef(connection, bag_ns, _cdr_header_stamp_ns(raw, connection.topic)))
         refs.sort(key=lambda ref: ref.stamp_ns)
         return refs
 
-    def _first_message(self, connection: Any) -> Any:
-        for _, _, raw in self._reader.messages([connection]):
+    def _first_message(self, connections: list[Any]) -> Any:
+        for connection, _, raw in self._reader.messages(connections):
             return self._typestore.deserialize_cdr(raw, connection.msgtype)
-        raise BagFormatError(f"bag {self.path} has no message on {connection.topic}")
+        raise BagFormatError(f"bag {self.path} has no message on {connections[0].topic}")
 
-    def _scan_poses(self, connection: Any) -> _PoseTrack:
+    def _scan_poses(self, connections: list[Any]) -> _PoseTrack:
         stamps, poses = [], []
         frame_ids = set()
-        for _, _, raw in self._reader.messages([connection]):
+        for connection, _, raw in self._reader.messages(connections):
             message = self._typestore.deserialize_cdr(raw, connection.msgtype)
+            # nav_msgs/Odometry nests the pose with its covariance.
+            pose = message.pose.pose if connection.msgtype == ODOMETRY_TYPE else message.pose
             stamps.append(stamp_ns_of(message.header))
-            poses.append(pose_from_message(message.pose))
+            poses.append(pose_from_message(pose))
             frame_ids.add(message.header.frame_id)
+        topic = connections[0].topic
         if not stamps:
-            raise BagFormatError(f"bag {self.path} has no message on the pose topic {connection.topic}")
+            raise BagFormatError(f"bag {self.path} has no message on the pose topic {topic}")
         if len(frame_ids) > 1:
-            logger.warning("bag %s: poses on %s mix frames %s", self.path, connection.topic, frame_ids)
+            logger.warning("bag %s: poses on %s mix frames %s", self.path, topic, sorted(frame_ids))
         order = np.argsort(stamps, kind="stable")
         return _PoseTrack(np.asarray(stamps, dtype=np.int64)[order], np.asarray(poses)[order])
 
-    def _latest_path(self, connection: Any) -> dict[int, np.ndarray]:
+    def _latest_path(self, connections: list[Any]) -> dict[int, np.ndarray]:
         latest = None
-        for _, _, raw in self._reader.messages([connection]):
-            latest = raw
+        for connection, _, raw in self._reader.messages(connections):
+            latest = (connection, raw)
         if latest is None:
             return {}
-        path = self._typestore.deserialize_cdr(latest, connection.msgtype)
+        connection, raw = latest
+        path = self._typestore.deserialize_cdr(raw, connection.msgtype)
         return {stamp_ns_of(p.header): pose_from_message(p.pose) for p in path.poses}
 
     def _match(
@@ -436,16 +474,41 @@ class BagDataset:
         image_of_keyframe = _match_stamps(keyframe_stamps, image_stamps, self.stamp_tolerance_ns)
         return {int(i): int(s) for s, i in zip(keyframe_stamps, image_of_keyframe, strict=True) if i >= 0}
 
-    def _read(self, ref: _MessageRef) -> Any:
+    def _read(self, *refs: _MessageRef) -> list[Any]:
+        """Return the messages REFS point to, in order, read in one pass over their time span."""
         if self._reader is None:
             raise ValueError(f"bag {self.path} is closed: open a new BagDataset to read frames")
-        for _, _, raw in self._reader.messages([ref.connection], start=ref.bag_ns, stop=ref.bag_ns + 1):
-            if _cdr_header_stamp_ns(raw, ref.connection.topic) == ref.stamp_ns:
-                return self._typestore.deserialize_cdr(raw, ref.connection.msgtype)
-        raise BagFormatError(
-            f"bag {self.path}: no message stamped {ref.stamp_ns} ns at {ref.bag_ns} ns "
-            f"on {ref.connection.topic}; was the bag modified while open?"
-        )
+        wanted = {(ref.connection.id, ref.bag_ns, ref.stamp_ns): i for i, ref in enumerate(refs)}
+        found: list[Any] = [None] * len(refs)
+        start = min(ref.bag_ns for ref in refs)
+        stop = max(ref.bag_ns for ref in refs) + 1
+        connections = list({ref.connection.id: ref.connection for ref in refs}.values())
+
+        for connection, bag_ns, raw in self._reader.messages(connections, start=start, stop=stop):
+            i = wanted.get((connection.id, bag_ns, _cdr_header_stamp_ns(raw, connection.topic)))
+            if i is not None and found[i] is None:
+                found[i] = self._typestore.deserialize_cdr(raw, connection.msgtype)
+
+        for ref, message in zip(refs, found, strict=True):
+            if message is None:
+                raise BagFormatError(
+                    f"bag {self.path}: no message stamped {ref.stamp_ns} ns at {ref.bag_ns} ns "
+                    f"on {ref.connection.topic}; was the bag modified while open?"
+                )
+        return found
+
+
+def source_format_of_bag(path: str | Path) -> str | None:
+    """Return the dataset format a bag was converted from ("7scenes", "kitti", "tum"), else None.
+
+    Reads only metadata.yaml, so a caller can pick the format's sensor preset (e.g.
+    ``config.preset_for_format``) before opening the bag. Bags that ``surfel-map
+    convert`` did not write give None.
+
+    Raises:
+        BagFormatError: metadata.yaml exists but cannot be parsed.
+    """
+    return _read_custom_data(Path(path).expanduser()).get(METADATA_SOURCE_FORMAT)
 
 
 def _read_custom_data(path: Path) -> dict[str, str]:

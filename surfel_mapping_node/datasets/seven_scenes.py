@@ -18,9 +18,9 @@ import cv2
 import numpy as np
 
 from surfel_mapping_node.camera import PinholeCamera
-from surfel_mapping_node.datasets.base import Frame
+from surfel_mapping_node.datasets.base import Frame, read_image
 from surfel_mapping_node.depth import MILLIMETRES_SCALE, read_depth_image
-from surfel_mapping_node.poses import check_pose
+from surfel_mapping_node.poses import check_pose, nearest_rigid
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,7 @@ class SevenScenesDataset:
 
         # Frames are the depth images; each needs its color image and pose.
         numbers = sorted(
-            int(match.group(1))
-            for match in (_DEPTH_NAME.match(p.name) for p in self.root.iterdir())
-            if match
+            int(match.group(1)) for match in (_DEPTH_NAME.match(p.name) for p in self.root.iterdir()) if match
         )
         if not numbers:
             raise FileNotFoundError(f"no frame-NNNNNN.depth.png files in {self.root}")
@@ -88,7 +86,7 @@ class SevenScenesDataset:
         index = _check_index(index, len(self))
         number = self._frame_numbers[index]
 
-        image_rgb = _read_rgb(self._color_paths[index])
+        image_rgb = read_image(self._color_paths[index])
         depth_path = self._path(number, "depth.png")
         depth_raw = read_depth_image(depth_path)
         try:
@@ -145,16 +143,7 @@ def _read_pose(path: Path) -> np.ndarray:
     except ValueError as error:
         raise ValueError(f"failed to parse pose file {path}: {error}") from error
     # Raises InvalidPoseError for the inf poses 7-Scenes stores for untracked frames.
-    return check_pose(T, name=f"pose in {path}")
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"color image not found: {path}")
-    image_bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image_bgr is None:
-        raise ValueError(f"failed to decode color image {path}: the file is corrupt or not an image")
-    return cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+    return nearest_rigid(check_pose(T, name=f"pose in {path}"))
 
 
 def _check_index(index: int, length: int) -> int:

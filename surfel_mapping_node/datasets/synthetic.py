@@ -68,7 +68,7 @@ class Sphere:
 class RenderedView:
     """One ray-cast view of a scene."""
 
-    depth_m: np.ndarray  # (H, W) float32, z in the camera frame; NaN where no surface is hit
+    depth_m: np.ndarray  # (H, W) float32, z in the camera frame; NaN beyond the render range
     color_rgb: np.ndarray  # (H, W, 3) uint8
     normal_world: np.ndarray  # (H, W, 3) float32 unit normals facing the camera, world frame
     surface_id: np.ndarray  # (H, W) int16; 0-5 room faces, then 6 per box, then spheres; -1 none
@@ -143,6 +143,8 @@ class SyntheticScene:
             InvalidPoseError: when the pose is not a rigid transform.
             ValueError: when the camera centre is outside the room or inside an object.
         """
+        if not max_depth_m > 0:
+            raise ValueError(f"invalid max_depth_m={max_depth_m}: it must be > 0")
         T_world_camera = check_pose(T_world_camera, "T_world_camera")
         origin = T_world_camera[:3, 3]
         inside_room = bool(np.all(origin > self.room_lo_m) and np.all(origin < self.room_hi_m))
@@ -151,8 +153,6 @@ class SyntheticScene:
                 f"camera centre {np.round(origin, 3).tolist()} m is outside the room "
                 f"{self.room_lo_m}-{self.room_hi_m} or inside an object: move the trajectory"
             )
-        if not max_depth_m > 0:
-            raise ValueError(f"invalid max_depth_m={max_depth_m}: it must be > 0")
 
         # Cull objects beyond the range (z <= distance) or behind the camera. Each object
         # keeps the image rectangle around its projection, and only those pixels test it.
@@ -229,6 +229,7 @@ class SyntheticDataset:
         noise: depth noise model; None renders exact depth.
         seed: noise seed.
         frame_rate_hz: frames are stamped index / frame_rate_hz.
+        max_depth_m: render range; farther surfaces get NaN depth (see SyntheticScene.render).
 
     Raises:
         ValueError: when the trajectory is not (N, 4, 4) or a pose is invalid.
@@ -242,6 +243,7 @@ class SyntheticDataset:
         noise: KinectNoise | None = None,
         seed: int = 0,
         frame_rate_hz: float = FRAME_RATE_HZ,
+        max_depth_m: float = 20.0,
     ) -> None:
         T_world_camera = np.asarray(T_world_camera, dtype=np.float64)
         if T_world_camera.ndim != 3 or T_world_camera.shape[1:] != (4, 4):
@@ -253,6 +255,7 @@ class SyntheticDataset:
         self.noise = noise
         self.seed = seed
         self.frame_rate_hz = float(frame_rate_hz)
+        self.max_depth_m = float(max_depth_m)
         for i, T in enumerate(T_world_camera):
             check_pose(T, f"trajectory pose {i}")
         self.T_world_camera = T_world_camera
@@ -297,7 +300,7 @@ class SyntheticDataset:
         Raises:
             IndexError: when index is out of range.
         """
-        return self.scene.render(self.camera, self.T_world_camera[self._index(index)])
+        return self.scene.render(self.camera, self.T_world_camera[self._index(index)], self.max_depth_m)
 
     def __getitem__(self, index: int) -> Frame:
         """Return frame ``index`` with noisy depth when a noise model is set.
@@ -306,7 +309,7 @@ class SyntheticDataset:
             IndexError: when index is out of range.
         """
         index = self._index(index)
-        view = self.scene.render(self.camera, self.T_world_camera[index])
+        view = self.scene.render(self.camera, self.T_world_camera[index], self.max_depth_m)
         depth_m = view.depth_m
         if self.noise is not None:
             depth_m = self.noise.apply(depth_m, np.random.default_rng([self.seed, index]))

@@ -16,13 +16,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 from scipy.spatial.transform import Rotation
 
 from surfel_mapping_node.camera import PinholeCamera
 from surfel_mapping_node.config import CameraConfig
-from surfel_mapping_node.datasets.base import Frame
+from surfel_mapping_node.datasets.base import Frame, read_image
 from surfel_mapping_node.depth import TUM_SCALE, read_depth_image
 
 logger = logging.getLogger(__name__)
@@ -131,7 +130,7 @@ class TumRgbdDataset:
         color_path = self.root / self._color_files[self._association.color_index[index]]
         depth_path = self.root / self._depth_files[self._association.depth_index[index]]
 
-        image_rgb = _read_rgb(color_path)
+        image_rgb = read_image(color_path)
         depth_raw = read_depth_image(depth_path)
         checks = ((color_path, image_rgb.shape, "color image"), (depth_path, depth_raw.shape, "depth image"))
         for path, shape, kind in checks:
@@ -243,16 +242,14 @@ def _poses_at(
         interpolate = inside & (gap <= max_gap_ns) & (gap > 0)
     else:
         interpolate = np.zeros(count, dtype=bool)
-    fraction = np.zeros(count)
-    fraction[interpolate] = (query_ns - pose_stamps_ns[before])[interpolate] / (
-        pose_stamps_ns[after] - pose_stamps_ns[before]
-    )[interpolate]
     if interpolate.any():
-        r0, r1 = rotations[before[interpolate]], rotations[after[interpolate]]
-        delta = (r0.inv() * r1).as_rotvec() * fraction[interpolate, None]
+        i0, i1 = before[interpolate], after[interpolate]
+        fraction = (query_ns[interpolate] - pose_stamps_ns[i0]) / (pose_stamps_ns[i1] - pose_stamps_ns[i0])
+        r0 = rotations[i0]
+        delta = (r0.inv() * rotations[i1]).as_rotvec() * fraction[:, None]
         T[interpolate, :3, :3] = (r0 * Rotation.from_rotvec(delta)).as_matrix()
-        t0, t1 = pose_values[before[interpolate], :3], pose_values[after[interpolate], :3]
-        T[interpolate, :3, 3] = t0 + (t1 - t0) * fraction[interpolate, None]
+        t0, t1 = pose_values[i0, :3], pose_values[i1, :3]
+        T[interpolate, :3, 3] = t0 + (t1 - t0) * fraction[:, None]
 
     # Elsewhere the nearest sample, when it is close enough.
     nearest = _nearest(query_ns, pose_stamps_ns, max_difference_ns)
@@ -311,12 +308,3 @@ def _read_groundtruth(path: Path) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(stamps, kind="stable")
     values_array = np.asarray(values, dtype=np.float64).reshape(-1, 7)
     return np.asarray(stamps, dtype=np.int64)[order], values_array[order]
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"color image not found: {path}")
-    image_bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image_bgr is None:
-        raise ValueError(f"failed to decode color image {path}: the file is corrupt or not an image")
-    return cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
