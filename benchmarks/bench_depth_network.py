@@ -216,7 +216,9 @@ def make_session(model_path: str | Path, threads: int = 1):
     return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def predict_depth(model_path: str | Path, images: np.ndarray, input_name: str, threads: int = 1) -> np.ndarray:
+def predict_depth(
+    model_path: str | Path, images: np.ndarray, input_name: str, threads: int = 1
+) -> np.ndarray:
     """Run a depth model image by image; return (N, 1, h, w) float32 depth in metres."""
     session = make_session(model_path, threads)
     return np.concatenate([session.run(None, {input_name: images[i : i + 1]})[0] for i in range(len(images))])
@@ -254,7 +256,9 @@ def measure_latency(
     }
 
 
-def quantize_uniform_int8(fp32_path: Path, calibration_images: np.ndarray, input_name: str, out_path: Path) -> Path:
+def quantize_uniform_int8(
+    fp32_path: Path, calibration_images: np.ndarray, input_name: str, out_path: Path
+) -> Path:
     """Write onnxruntime's uniform INT8 model: QDQ, per-channel int8 weights, uint8 activations.
 
     Args:
@@ -273,7 +277,9 @@ def quantize_uniform_int8(fp32_path: Path, calibration_images: np.ndarray, input
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._feeds = iter([{input_name: calibration_images[i : i + 1]} for i in range(len(calibration_images))])
+            self._feeds = iter(
+                [{input_name: calibration_images[i : i + 1]} for i in range(len(calibration_images))]
+            )
 
         def get_next(self):
             return next(self._feeds, None)
@@ -320,7 +326,9 @@ def evaluate(
     for name, path in variants.items():
         pred_m = predict_depth(path, validation.images, card.input.name, threads)
         results.append(
-            VariantResult(name, path, depth_metrics(pred_m, validation.depth_m), latency[name], path.stat().st_size)
+            VariantResult(
+                name, path, depth_metrics(pred_m, validation.depth_m), latency[name], path.stat().st_size
+            )
         )
     return results
 
@@ -366,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="example: python -m benchmarks.bench_depth_network --runs 200",
     )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="7-Scenes redkitchen folder")
-    parser.add_argument("--runs", type=int, default=100, help="timed runs per model (default 100)")
+    parser.add_argument("--runs", type=int, default=200, help="timed runs per model (default 200)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     parser.add_argument("--work-dir", type=Path, help="folder for the INT8 model (default: a temporary one)")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave docs/benchmarks.md")
@@ -385,10 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = args.work_dir or Path(tmp)
         work_dir.mkdir(parents=True, exist_ok=True)
         input_size = (card.input.width, card.input.height)
-        calibration = load_depth_samples(args.data, TRAIN_FRAMES[:: len(TRAIN_FRAMES) // INT8_CALIBRATION_FRAMES][
-            :INT8_CALIBRATION_FRAMES
-        ], card.input, input_size)
-        int8_path = quantize_uniform_int8(FP32_MODEL, calibration.images, card.input.name, work_dir / "model_int8.onnx")
+        step = len(TRAIN_FRAMES) // INT8_CALIBRATION_FRAMES
+        calibration_frames = TRAIN_FRAMES[::step][:INT8_CALIBRATION_FRAMES]
+        calibration = load_depth_samples(args.data, calibration_frames, card.input, input_size)
+        int8_path = quantize_uniform_int8(
+            FP32_MODEL, calibration.images, card.input.name, work_dir / "model_int8.onnx"
+        )
 
         variants = {"FP32": FP32_MODEL, "uniform INT8": int8_path}
         if HAWQ_MODEL.is_file():

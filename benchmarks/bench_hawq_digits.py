@@ -118,7 +118,7 @@ def latency_ms(paths: dict[str, Path], x: np.ndarray, repeats: int) -> dict[str,
 
 
 def random_allocation(analysis, budget_ratio: float, seed: int) -> list[int]:
-    """The ILP's choice under the budget with random layer weights instead of Hessian traces."""
+    """Return the ILP's choice under the budget with random layer weights instead of Hessian traces."""
     from quantized_inference_node.hawq.bit_allocation import allocate_bits
 
     rng = np.random.default_rng(seed)
@@ -222,6 +222,9 @@ def main() -> None:
             f"{100 * s.agreement:.2f} % |"
         )
     lines += [
+        "",
+        "Weight size counts nominal bits (n * b / 8). 2-bit layers are stored as int4, so the files "
+        "of configurations with 2-bit layers are larger than their ratio suggests.",
         "",
         "Bits per layer (seed: 1/6 budget | uniform-4-bit budget | random): "
         + "; ".join(f"{i}: {a} / {b} / {c}" for i, (a, b, c) in enumerate(configs)),

@@ -129,7 +129,8 @@ def iterations_study(frames: list[RgbdFrame], camera, config) -> list[str]:
         for frame in frames:
             sp_config = replace(config.superpixels, iterations=iterations)
             sp = compute_superpixels(frame.gray, frame.depth_m, sp_config)
-            more = compute_superpixels(frame.gray, frame.depth_m, replace(sp_config, iterations=iterations + 1))
+            more_config = replace(sp_config, iterations=iterations + 1)
+            more = compute_superpixels(frame.gray, frame.depth_m, more_config)
             surfels = extract_surfels(sp, frame.image, frame.depth_m, camera, config.surfels)
             changed.append(float(np.mean(sp.labels != more.labels)))
             stats = _within_superpixel_spread(sp, frame, surfels, camera)
@@ -171,7 +172,9 @@ def _within_superpixel_spread(sp, frame: RgbdFrame, surfels, camera) -> tuple[fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data",
                         help="folder with 7scenes_redkitchen/ and kitti_odometry/")
     parser.add_argument("--frames", type=int, default=20, help="7-Scenes frames to time (every 3rd)")
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     seven_scenes = args.data / "7scenes_redkitchen"
     kitti = args.data / "kitti_odometry"
     if not (seven_scenes / "camera-intrinsics.txt").is_file():
-        print(f"error: 7-Scenes excerpt not found in {seven_scenes}; pass --data", file=sys.stderr)
+        print(f"error: 7-Scenes excerpt not found in {seven_scenes}: pass --data", file=sys.stderr)
         return 2
 
     rgbd_config = MapperConfig()
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         "Median per frame, milliseconds; CPU is the process's CPU time (all threads). "
         f"Load average before/after: {load_before:.1f}/{load_after:.1f} on {os.cpu_count()} cores.",
         "",
-        "| data | superpixels (ms) | surfels (ms) | both (ms) | both, CPU (ms) | superpixels making a surfel |",
+        "| data | superpixels (ms) | surfels (ms) | both (ms) | both, CPU (ms) "
+        "| superpixels making a surfel |",
         "|---|---|---|---|---|---|",
         *rows,
     ]

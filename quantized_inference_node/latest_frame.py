@@ -1,7 +1,7 @@
 """A single-slot mailbox that keeps only the newest item and counts the ones it dropped.
 
-When inference is slower than the camera, a queue would grow and every output would be
-later than the last; a single slot keeps the latency at one inference at most. The
+When inference is slower than the camera, a queue would grow and each output would lag
+more than the one before. With a single slot, an image waits for one inference at most. The
 producer (a subscription callback) calls ``put``; the consumer (the inference worker)
 calls ``take``.
 """
@@ -28,7 +28,7 @@ class SlotCounts:
 
 
 class LatestSlot(Generic[T]):
-    """Keep the newest item only; thread-safe for any number of producers and consumers."""
+    """Mailbox that keeps only the newest item, thread-safe for any number of producers and consumers."""
 
     def __init__(self) -> None:
         self._condition = threading.Condition()

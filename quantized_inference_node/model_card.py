@@ -1,4 +1,4 @@
-"""Model cards: the YAML file that says how to feed an ONNX model and how to read its output.
+"""Model cards: the YAML file that describes an ONNX model's input preprocessing and output meaning.
 
 A card sits beside its model (``model.yaml`` or ``model.onnx.yaml`` next to
 ``model.onnx``) or anywhere a path names it. The ROS node and the offline tools read
@@ -51,7 +51,7 @@ class ModelCardError(ValueError):
 
 
 class Task(str, Enum):
-    """What the model computes, which picks the postprocessing and the node's outputs."""
+    """Task of the model, which selects the postprocessing and the node's outputs."""
 
     SEGMENTATION = "segmentation"
     DEPTH = "depth"
@@ -67,7 +67,7 @@ class Layout(str, Enum):
 
 
 class ChannelOrder(str, Enum):
-    """Channel order the model expects; images are converted to it."""
+    """Channel order the model expects, to which images are converted."""
 
     RGB = "RGB"
     BGR = "BGR"
@@ -75,7 +75,7 @@ class ChannelOrder(str, Enum):
 
 
 class ResizePolicy(str, Enum):
-    """How an image of any size becomes the input tensor.
+    """Resize policy that turns an image of any size into the input tensor.
 
     - ``stretch``: resize to ``width`` × ``height``, aspect ratio not kept.
     - ``letterbox``: scale to fit inside ``width`` × ``height`` keeping the aspect
@@ -121,7 +121,7 @@ ORT_TYPE_BY_DTYPE = {"float32": "tensor(float)", "float16": "tensor(float16)", "
 
 @dataclass(frozen=True)
 class InputSpec:
-    """How an image becomes the model's input tensor."""
+    """Preprocessing that turns an image into the model's input tensor."""
 
     # Name of the model input.
     name: str
@@ -153,7 +153,7 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """How the model's output tensor is read."""
+    """Interpretation of the model's output tensor."""
 
     # Name of the model output.
     name: str

@@ -22,8 +22,8 @@ the input image's header, per the card's task:
 rate and skipped images once a second. Inference runs in a worker thread fed by a
 single slot: when inference is slower than the camera, only the newest image waits and
 the replaced ones are counted as skipped. Setting ``model_path`` (or ``card_path``) at
-run time loads the new model beside the old one; a model that fails to load is
-rejected with the reason and the old one stays in service.
+run time loads the new model beside the old one. A model that fails to load is
+rejected with the reason, and the old one stays in service.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ from quantized_inference_node.inference import (
     DepthResult,
     DetectionResult,
     EngineHolder,
-    ImageError,
     InferenceEngine,
     InferenceResult,
     LatencyStats,
@@ -68,6 +67,7 @@ from quantized_inference_node.inference import (
 )
 from quantized_inference_node.latest_frame import LatestSlot
 from quantized_inference_node.model_card import ChannelOrder, Task
+from quantized_inference_node.preprocessing import ImageError
 from surfel_mapping_node.camera import PinholeCamera
 
 # Encodings of sensor_msgs/Image the node reads: (dtype, channels, channel order).
@@ -323,6 +323,7 @@ class QuantizedInferenceNode(Node):
             self.get_logger().info(f"{outcome.message}, providers {self._holder.current.providers}")
         else:
             self._last_error = outcome.message
+            self._last_error_s = time.monotonic()
             self.get_logger().error(outcome.message)
         return outcome.ok, outcome.message
 
@@ -337,10 +338,12 @@ class QuantizedInferenceNode(Node):
             )
 
         # NOTE: the load runs in the executor thread, so other callbacks of this node wait
-        # for it (model load times are tens to hundreds of milliseconds); images arriving
-        # meanwhile are dropped by the best-effort depth-1 subscription.
-        if any(name in changes for name in MODEL_PARAMETERS):
-            ok, message = self._load_model(self._model_parameters(changes))
+        # until it finishes. Images that arrive meanwhile are dropped by the depth-1
+        # subscription, not queued.
+        # Without a model_path, the other model parameters are stored for the next load.
+        model_values = self._model_parameters(changes)
+        if any(name in changes for name in MODEL_PARAMETERS) and model_values["model_path"]:
+            ok, message = self._load_model(model_values)
             if not ok:
                 return SetParametersResult(successful=False, reason=message)
 
@@ -386,8 +389,8 @@ class QuantizedInferenceNode(Node):
             self._reject(f"image rejected: {error}")
             return
         except Exception as error:
-            # The worker must survive anything a model or a message can throw, or the node
-            # stops serving without exiting; the error is counted and reported.
+            # The worker must survive anything a model or a message can raise, or the node
+            # would stop serving without exiting. The error is counted and reported.
             self._reject(f"inference failed on {engine.model_path}: {type(error).__name__}: {error}")
             return
 
@@ -546,16 +549,19 @@ class QuantizedInferenceNode(Node):
 def main(args: list[str] | None = None) -> None:
     """Run the node until Ctrl-C or a ROS shutdown."""
     rclpy.init(args=args)
-    node = QuantizedInferenceNode()
     executor = SingleThreadedExecutor()
-    executor.add_node(node)
+    node = None
+    # Ctrl-C may arrive while the model loads, before spinning starts.
     try:
+        node = QuantizedInferenceNode()
+        executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         executor.shutdown()
-        node.destroy_node()
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown()
 
 

@@ -75,9 +75,10 @@ class SuperpixelConfig:
     spatial_weight: float = 1.0 / 16.0
     intensity_weight: float = 1.0 / 100.0
     inverse_depth_weight: float = 400.0
-    # Huber threshold (metres) of the robust per-superpixel depth, and its IRLS steps.
+    # Huber threshold (metres) of the robust per-superpixel depth, and the IRLS steps
+    # after the last iteration (each iteration also makes one step).
     huber_delta_m: float = 0.05
-    huber_iterations: int = 3
+    huber_iterations: int = 2
 
 
 @dataclass
@@ -87,9 +88,9 @@ class SurfelConfig:
     # ... of which at least this fraction lies within inlier_range_m of the fitted plane.
     min_inlier_ratio: float = 0.8
     inlier_range_m: float = 0.05
-    # Huber-reweighted steps of the plane fit after its PCA start (Huber threshold
-    # inlier_range_m / 2).
-    plane_iterations: int = 3
+    # Huber-reweighted steps of the plane fit after its first solve (Huber threshold
+    # inlier_range_m / 2 on the depth residual).
+    plane_iterations: int = 2
     # Surfels seen at a view cosine below this (grazing angle) are not made or fused.
     min_view_cosine: float = 0.1
     # Weight of a new surfel: min(1, weight_depth_scale_m² / depth²) (a depth-noise model).

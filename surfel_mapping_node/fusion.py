@@ -94,10 +94,15 @@ def fuse_frame(
         config: gates, weight cap, free-space margin and outlier rule.
 
     Raises:
-        ValueError: depth_m or the labels do not match the camera size.
+        ValueError: depth_m or the labels do not match the camera size, or the
+            frame's keyframe is not active in the map.
     """
     frame.camera.check_image_shape(depth_m.shape, "depth image")
     frame.camera.check_image_shape(frame_surfels.labels.shape, "superpixel label image")
+    if frame.keyframe_id not in surfel_map.active_keyframe_ids:
+        raise ValueError(
+            f"keyframe {frame.keyframe_id} is not active: call surfel_map.activate() with it before fusing"
+        )
     result = FusionResult(surfels_considered=surfel_map.active_count)
 
     # Project, remove free space, associate, gate and fuse every active surfel.

@@ -270,17 +270,15 @@ class KeyframeGraph:
                 keyframe.T_world_keyframe = T_new
 
         for keyframe in self._keyframes.values():
-            moved_anchor = keyframe.anchor_id in corrections
-            if keyframe.id not in checked and moved_anchor:
+            if keyframe.id not in checked and keyframe.anchor_id in corrections:
                 T_correction = corrections[keyframe.anchor_id]
                 corrections[keyframe.id] = T_correction
                 keyframe.T_world_keyframe = T_correction @ keyframe.T_world_keyframe
 
         if corrections:
             for keyframe_id in corrections:
-                self._positions_m[self._keyframes[keyframe_id].index] = self._keyframes[
-                    keyframe_id
-                ].T_world_keyframe[:3, 3]
+                keyframe = self._keyframes[keyframe_id]
+                self._positions_m[keyframe.index] = keyframe.T_world_keyframe[:3, 3]
             self.version += 1
         return PoseCorrection(corrections, unknown_ids)
 

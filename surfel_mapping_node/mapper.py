@@ -81,6 +81,8 @@ class SurfelCloud:
 class SurfelMapper:
     """Incremental surfel map of one camera. No I/O, no ROS.
 
+    Not thread-safe: call integrate() and the pose updates from one thread.
+
     Args:
         config: all tunables; it is validated here.
         camera: intrinsics of the images passed to integrate().
@@ -248,6 +250,8 @@ class SurfelMapper:
         if leaving:
             # Judge outliers before parking, because parked surfels are never fused again
             # until their keyframe returns.
+            # NOTE: surfels too young to be judged (last updated stale_keyframes or fewer
+            # keyframes ago) are parked as they are, outliers included.
             removed = remove_stale_surfels(self.surfel_map, self.keyframes.count, self.config.fusion)
         self.surfel_map.activate(local_map)
         self._local_map = local_map
@@ -333,9 +337,11 @@ def _intensity(image: np.ndarray) -> np.ndarray:
 def _depth_with_nan(depth_m: np.ndarray) -> np.ndarray:
     """Return depth as float32 with NaN for every value that is not a positive finite depth."""
     depth_m = np.asarray(depth_m, dtype=np.float32)
-    invalid = ~(depth_m > 0) | ~np.isfinite(depth_m)
-    if invalid.any():
-        depth_m = np.where(invalid, np.float32(np.nan), depth_m)
+    # NaN already means no depth, so only zero, negative and infinite values need
+    # replacing, and the usual input with NaN holes is returned without a copy.
+    needs_nan = (depth_m <= 0) | np.isinf(depth_m)
+    if needs_nan.any():
+        depth_m = np.where(needs_nan, np.float32(np.nan), depth_m)
     return depth_m
 
 

@@ -9,17 +9,22 @@ pixel joins the cheapest of the 3×3 seeds around its grid cell, with the cost
 and each seed then moves to the mean position and intensity of its pixels, its depth
 being a Huber (IRLS) estimate over its pixels with depth.
 
-Speed: the assignment visits every pixel × 9 seeds per iteration, so it runs as a
-numba kernel over 8×8 blocks of pixels that share their 9 candidate seeds
-(parallel over block rows; each pixel is written by one thread, so the labels do not
-depend on the thread count). The seed update is one sequential sweep; the final
-statistics come from a counting sort of the pixels by label, which extract_surfels
-reuses for its plane fits.
+Speed: the assignment visits every pixel × 9 seeds per iteration. It runs as a numba
+kernel over the grid cells, whose pixels share their 9 candidate seeds, in runs of 8
+pixels that compile to vector code. The same kernel then sums each block row's pixels
+into per-seed slots for the seed update. Block rows run in parallel, and no two write
+the same pixel or slot, so the result does not depend on the thread count. The final
+per-superpixel pixel lists (a counting sort on those slots) are kept in Superpixels,
+and extract_surfels fits its planes over them.
+
+NOTE: numba's default OpenMP thread pool spins while it waits; on a machine whose
+cores are busy with other processes, the parallel kernels then run several times
+slower than with one thread. Run such deployments with NUMBA_NUM_THREADS=1 (or
+numba.set_num_threads(1) in the calling thread) or OMP_WAIT_POLICY=PASSIVE.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numba
@@ -27,15 +32,13 @@ import numpy as np
 
 from surfel_mapping_node.config import ConfigError, SuperpixelConfig
 
-logger = logging.getLogger(__name__)
-
 # fastmath without "nnan"/"ninf": the kernels test depth for NaN with comparisons.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @dataclass
 class Superpixels:
-    """Superpixels of one frame; label i of ``labels`` is row i of every (S,) array.
+    """Superpixels of one frame, where label i of ``labels`` is row i of every (S,) array.
 
     A superpixel whose seed lost all its pixels keeps its row, with pixel_count 0 and
     NaN centre, intensity and depth.
@@ -54,7 +57,7 @@ class Superpixels:
     pixel_count: np.ndarray
     depth_count: np.ndarray
     # The pixels of superpixel i are pixel_indices[pixel_offsets[i]:pixel_offsets[i + 1]],
-    # flat indices v·W + u in increasing order; pixel_offsets is (S + 1,) int64.
+    # as flat indices v·W + u in increasing order. pixel_offsets is (S + 1,) int64.
     pixel_offsets: np.ndarray
     pixel_indices: np.ndarray
 
@@ -77,9 +80,9 @@ def compute_superpixels(
         config: grid spacing, iterations, cost weights and Huber threshold.
 
     Returns:
-        Superpixels with S = (H // grid_px) · (W // grid_px) rows (at least one); the
-        last row and column of grid cells absorb the rest of sizes the grid does not
-        divide.
+        Superpixels with S = (H // grid_px) · (W // grid_px) rows, at least one. The
+        last row and column of grid cells take the pixels left over when the grid does
+        not divide the image size.
 
     Raises:
         ValueError: the images are not 2-D, their shapes differ, or their dtypes are
@@ -117,7 +120,7 @@ def compute_superpixels(
         )
         _seeds_from_sums(sums, seed_u, seed_v, seed_intensity, seed_depth)
 
-    # The last sums hold the final means; the depth gets its remaining Huber steps
+    # The last sums contain the final means. The depth gets its remaining Huber steps
     # over each superpixel's pixel list.
     totals = sums.reshape(seed_count, 3, _SUM_FIELDS).sum(axis=1)
     offsets, indices = _sort_pixels_by_slot(labels, v_starts, cells_u, sums[:, 0].astype(np.int64))
@@ -151,7 +154,7 @@ def superpixels_from_labels(
     labels = np.asarray(labels)
     if labels.shape != image.shape or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
-            f"invalid labels: shape {labels.shape} dtype {labels.dtype}; "
+            f"invalid labels with shape {labels.shape} and dtype {labels.dtype}: "
             f"expected integers of the image shape {image.shape}"
         )
     if labels.size and labels.min() < -1:
@@ -229,9 +232,9 @@ def _check_config(config: SuperpixelConfig) -> None:
 def _prepare_inputs(
     intensity: np.ndarray, depth_m: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Check the images; return intensity (uint8 or float32), float32 depth, inverse depth.
+    """Check the images and return intensity (uint8 or float32), float32 depth, inverse depth.
 
-    Inverse depth is 0 where there is no depth; the kernels test that, not the depth.
+    Inverse depth is 0 where there is no depth, and the kernels test that, not the depth.
     """
     intensity = np.asarray(intensity)
     depth_m = np.asarray(depth_m)
@@ -320,8 +323,8 @@ def _assign_pixels(
         cd = np.empty(9, np.float32)
         cw = np.empty(9, np.float32)
         for bx in range(cells_u):
-            # The 9 candidates; at the border the clamped neighbour repeats, which
-            # keeps the cost loop branch-free (a repeat never wins a strict comparison).
+            # The 9 candidates. At the border the clamped neighbour repeats, which keeps
+            # the cost loop branch-free because a repeat never wins a strict comparison.
             k = 0
             for dy in range(-1, 2):
                 sy = min(max(by + dy, 0), cells_v - 1)
@@ -338,35 +341,66 @@ def _assign_pixels(
                     cw[k] = inverse_depth_weight if has_depth else np.float32(0.0)
                     k += 1
 
+            # Pixels go in runs of 8, a loop of constant length that the compiler turns
+            # into vector code, and then one by one for the rest of the cell. Both
+            # branches have the same body.
+            u_stop = u_starts[bx + 1]
             for v in range(v0, v1):
                 fv = np.float32(v)
-                for u in range(u_starts[bx], u_starts[bx + 1]):
-                    fu = np.float32(u)
-                    pixel_i = np.float32(image[v, u])
-                    pixel_d = inverse_depth[v, u]
-                    # ... and the pixel has depth.
-                    pixel_has = np.float32(1.0) if pixel_d > 0 else np.float32(0.0)
-                    best = np.float32(np.inf)
-                    best_k = 4
-                    for k in range(9):
-                        du = fu - cu[k]
-                        dv = fv - cv[k]
-                        di = pixel_i - ci[k]
-                        dd = pixel_d - cd[k]
-                        cost = (du * du + dv * dv) * spatial_weight + di * di * intensity_weight
-                        cost += cw[k] * pixel_has * dd * dd
-                        if cost < best:
-                            best = cost
-                            best_k = k
-                    # A pixel with non-finite intensity belongs to no superpixel.
-                    labels[v, u] = candidates[best_k] if pixel_i == pixel_i else -1
+                u_first = u_starts[bx]
+                while u_first < u_stop:
+                    if u_first + 8 <= u_stop:
+                        for j in range(8):
+                            u = u_first + j
+                            pixel_i = np.float32(image[v, u])
+                            pixel_d = inverse_depth[v, u]
+                            fu = np.float32(u)
+                            # ... and the pixel has depth.
+                            pixel_has = np.float32(1.0) if pixel_d > 0 else np.float32(0.0)
+                            best = np.float32(np.inf)
+                            best_k = 4
+                            for k in range(9):
+                                du = fu - cu[k]
+                                dv = fv - cv[k]
+                                di = pixel_i - ci[k]
+                                dd = pixel_d - cd[k]
+                                cost = (du * du + dv * dv) * spatial_weight + di * di * intensity_weight
+                                cost += cw[k] * pixel_has * dd * dd
+                                if cost < best:
+                                    best = cost
+                                    best_k = k
+                            # A pixel with non-finite intensity belongs to no superpixel.
+                            labels[v, u] = candidates[best_k] if pixel_i == pixel_i else -1
+                        u_first += 8
+                    else:
+                        u = u_first
+                        pixel_i = np.float32(image[v, u])
+                        pixel_d = inverse_depth[v, u]
+                        fu = np.float32(u)
+                        # ... and the pixel has depth.
+                        pixel_has = np.float32(1.0) if pixel_d > 0 else np.float32(0.0)
+                        best = np.float32(np.inf)
+                        best_k = 4
+                        for k in range(9):
+                            du = fu - cu[k]
+                            dv = fv - cv[k]
+                            di = pixel_i - ci[k]
+                            dd = pixel_d - cd[k]
+                            cost = (du * du + dv * dv) * spatial_weight + di * di * intensity_weight
+                            cost += cw[k] * pixel_has * dd * dd
+                            if cost < best:
+                                best = cost
+                                best_k = k
+                        # A pixel with non-finite intensity belongs to no superpixel.
+                        labels[v, u] = candidates[best_k] if pixel_i == pixel_i else -1
+                        u_first += 1
 
-        # Sums for the seed update, in a separate sweep: a scatter inside the cost
-        # loop keeps that loop from vectorizing. Runs of pixels with the same label are
+        # Sums for the seed update come in a separate sweep, because a scatter inside
+        # the cost loop keeps that loop from vectorizing. Runs of pixels with the same label are
         # summed in registers and added to their slot at the end of the run, which
         # avoids a load-add-store chain per pixel. The depth gets one Huber step
-        # around the seed's current depth (weight 1 inside the threshold, delta/|r|
-        # outside); a seed without depth takes the plain mean.
+        # around the seed's current depth, with weight 1 inside the threshold and
+        # delta/|r| outside. A seed without depth takes the plain mean.
         for v in range(v0, v1):
             run = labels[v, 0]
             seed_d = seed_depth[run] if run >= 0 else np.float32(np.nan)
@@ -457,7 +491,7 @@ def _sort_pixels_by_slot(labels, v_starts, cells_u, slot_counts):  # pragma: no 
                 s = labels[v, u]
                 if s < 0:
                     continue
-                # s // cells_u without an integer division (exact: s < 2**31).
+                # s // cells_u without an integer division (exact below 2**31).
                 seed_row = int((s + 0.5) * inverse_cells_u)
                 slot = s * 3 + by - seed_row + 1
                 indices[cursor[slot]] = v * width + u
@@ -489,8 +523,8 @@ def _sort_pixels_by_label(labels, count):  # pragma: no cover - numba kernel
 @numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
 def _refine_depth(offsets, indices, depth, huber_delta, iterations, estimate):  # pragma: no cover
     # Huber IRLS steps of each superpixel's depth over its pixels with depth, from the
-    # given estimate (skipped where it is NaN: no depth). The depths are gathered once
-    # into a buffer, so the steps run on contiguous memory.
+    # given estimate, skipped where that is NaN (no depth). The depths are gathered
+    # once into a buffer, so the steps run on contiguous memory.
     count = offsets.shape[0] - 1
     chunk_size = 64
     max_pixels = 0

@@ -315,12 +315,6 @@ class SurfelMap:
             self.active.compact(self.active.alive.copy())
             self._dead_rows = 0
 
-    def reassign_active(self, rows: np.ndarray, keyframe_id: int) -> None:
-        """Make an active keyframe the owner of the given active rows."""
-        if keyframe_id not in self._active_keyframe_ids:
-            raise ValueError(f"keyframe {keyframe_id} is not active: call activate() with it first")
-        self.active.keyframe_id[rows] = keyframe_id
-
     def apply_corrections(self, T_correction_by_id: dict[int, np.ndarray]) -> int:
         """Move each keyframe's surfels by its correction T_new·T_old⁻¹; return the surfels moved.
 

@@ -102,7 +102,7 @@ def test_max_samples_takes_the_first_samples() -> None:
     np.testing.assert_array_equal(np.concatenate([b["points"] for b in data]), points[:5])
 
 
-def test_fixed_batch_size_is_used_and_the_remainder_dropped() -> None:
+def test_fixed_batch_size_drops_remainder() -> None:
     spec = [InputSpec("x", (2, 4), np.dtype(np.float32))]
     data = load_calibration({"x": np.zeros((5, 4), np.float32)}, spec)
     assert [len(b["x"]) for b in data] == [2, 2]
@@ -205,7 +205,7 @@ def test_image_folder_is_preprocessed_as_specified(tmp_path: Path) -> None:
     assert data.sample_names == ["img_00.png", "img_01.png", "img_02.png"]
 
 
-def test_image_folder_resizes_to_the_model_size_in_nhwc(tmp_path: Path) -> None:
+def test_image_folder_resizes_to_model_nhwc(tmp_path: Path) -> None:
     images = write_images(tmp_path, [(20, 30), (7, 9)])
     specs = read_input_specs(image_model([None, 8, 6, 3]))
     preprocess = ImagePreprocess(layout=Layout.NHWC, scale_to_unit=False)
@@ -243,7 +243,7 @@ def test_unreadable_image_is_named(tmp_path: Path) -> None:
         load_calibration(tmp_path, specs, ImagePreprocess())
 
 
-def test_image_folder_needs_preprocess_and_a_single_image_input(tmp_path: Path) -> None:
+def test_image_folder_argument_errors(tmp_path: Path) -> None:
     write_images(tmp_path, [(8, 8)])
     with pytest.raises(CalibrationError, match=r"pass preprocess=ImagePreprocess"):
         load_calibration(tmp_path, read_input_specs(image_model(["n", 3, 8, 8])))
@@ -253,7 +253,7 @@ def test_image_folder_needs_preprocess_and_a_single_image_input(tmp_path: Path) 
         load_calibration(tmp_path, read_input_specs(image_model([1, 4, 8, 8])), ImagePreprocess())
 
 
-def test_image_sizes_must_match_the_model_or_each_other(tmp_path: Path) -> None:
+def test_image_size_mismatch_raises(tmp_path: Path) -> None:
     write_images(tmp_path, [(8, 8), (9, 8)])
     fixed = read_input_specs(image_model(["n", 3, 8, 8]))
     with pytest.raises(CalibrationError, match=r"fixed at \(height, width\) \(8, 8\)"):

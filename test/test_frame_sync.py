@@ -29,7 +29,7 @@ def test_exact_stamps_match_in_any_arrival_order():
     assert sync.stats.total_dropped() == 0
 
 
-def test_nearest_partner_is_chosen_once_the_stream_passed_the_stamp():
+def test_nearest_partner_after_stream_passes_stamp():
     sync = make_sync(tolerance_ms=10)
     sync.add("image", 100 * MS, "i")
     sync.add("depth", 100 * MS, "d")
@@ -43,7 +43,7 @@ def test_nearest_partner_is_chosen_once_the_stream_passed_the_stamp():
     assert frames[0].stamps_ns["pose"] == 101 * MS
 
 
-def test_image_newer_than_every_pose_is_dropped_not_waited_for():
+def test_image_newer_than_every_pose_dropped():
     # The original matching loop spun forever when the image was newer than the pose.
     sync = make_sync(tolerance_ms=10)
     sync.add("image", 100 * MS, "i100")
@@ -58,7 +58,7 @@ def test_image_newer_than_every_pose_is_dropped_not_waited_for():
     assert sync.stats.matched == 0
 
 
-def test_out_of_order_and_repeated_stamps_are_dropped_and_counted():
+def test_out_of_order_stamps_dropped():
     sync = make_sync()
     sync.add("pose", 200 * MS, "p200")
 
@@ -83,7 +83,7 @@ def test_partner_older_than_every_open_frame_is_late():
     assert sync.pending()["depth"] == 0
 
 
-def test_missing_stream_fills_a_bounded_queue_and_counts_overflow():
+def test_missing_stream_bounded_queue_overflow():
     sync = make_sync(queue_size=4)
     for i in range(10):
         sync.add("image", (100 + 33 * i) * MS, f"i{i}")

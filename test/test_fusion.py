@@ -117,7 +117,7 @@ def test_fusion_reduces_depth_noise() -> None:
 
     errors_m = []
     for _ in range(40):
-        # Exact depth image, noisy candidates, so the free-space test sees the true wall.
+        # Exact depth image and noisy candidates, so the free-space test uses the true wall depth.
         frame_surfels, depth_m = _wall(true_z_m, depth_noise_m=noise_m, rng=rng)
         fuse_frame(surfel_map, frame_surfels, depth_m, _frame(np.eye(4)), config)
         errors_m.append(np.sqrt(np.mean((surfel_map.active.position_m[:, 2] - true_z_m) ** 2)))
@@ -187,7 +187,7 @@ def test_normal_gate_rejects_tilted_measurement() -> None:
 def test_back_side_of_surface_not_fused() -> None:
     config = FusionConfig()
     surfel_map = _map_with_wall(2.0, config)
-    # A camera 4 m ahead looking back sees the wall's other side at 2 m.
+    # A camera at z = 4 m looking back views the wall's other side at 2 m.
     T_world_camera = np.eye(4)
     T_world_camera[:3, :3] = Rotation.from_euler("y", 180, degrees=True).as_matrix()
     T_world_camera[:3, 3] = [0.0, 0.0, 4.0]
@@ -295,6 +295,14 @@ def test_many_surfels_fuse_into_one_superpixel() -> None:
 
     assert result.surfels_fused == 80
     assert result.surfels_created == 0
+
+
+def test_inactive_keyframe_raises() -> None:
+    surfel_map = SurfelMap()
+    surfel_map.activate([KEYFRAME])
+
+    with pytest.raises(ValueError, match="keyframe 5 is not active"):
+        fuse_frame(surfel_map, *_wall(2.0), _frame(np.eye(4), keyframe_id=5), FusionConfig())
 
 
 def test_mismatched_depth_size_raises() -> None:

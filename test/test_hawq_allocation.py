@@ -52,7 +52,7 @@ def brute_force(omega, num_params, size_budget, macs=None, bops_budget=None, pin
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_ilp_finds_the_exhaustive_optimum_under_a_size_budget(seed: int) -> None:
+def test_ilp_matches_exhaustive_search(seed: int) -> None:
     omega, num_params, _ = random_problem(seed)
     budget = 0.6 * sum(num_params)  # 4.8 bits per weight on average
 
@@ -77,7 +77,8 @@ def test_ilp_respects_a_bops_budget_and_pins(seed: int) -> None:
 
     assert best is not None
     np.testing.assert_allclose(allocation.total_omega, best_cost, rtol=1e-9)
-    assert allocation.bits[0] == 8 and allocation.bits[4] == 8
+    assert allocation.bits[0] == 8
+    assert allocation.bits[4] == 8
     assert allocation.bops <= bops_budget
 
 
@@ -135,7 +136,8 @@ def test_weight_quantization_stays_on_the_narrow_grid() -> None:
     for bits in (2, 4, 8):
         quant = quantize_weight_np(w, bits, axis=0)
         qmax = 2 ** (bits - 1) - 1
-        assert quant.q.min() >= -qmax and quant.q.max() <= qmax
+        assert quant.q.min() >= -qmax
+        assert quant.q.max() <= qmax
         # Each channel's largest magnitude lands exactly on qmax.
         np.testing.assert_array_equal(np.abs(quant.q).reshape(8, -1).max(axis=1), qmax)
         # Rounding to the nearest level errs by at most half a step per channel.
@@ -165,7 +167,8 @@ def test_activation_parameters_by_hand() -> None:
     np.testing.assert_allclose(signed.scale, 2 / 255, rtol=1e-6)
     # -rmin / scale is 127.5 up to float32 rounding: either neighbour, and the grid covers [-1, 1].
     assert signed.zero_point in (127, 128)
-    assert signed.rmin <= -1.0 + signed.scale and signed.rmax >= 1.0 - signed.scale
+    assert signed.rmin <= -1.0 + signed.scale
+    assert signed.rmax >= 1.0 - signed.scale
     # A range that excludes 0 is widened so that 0 is exact.
     assert activation_qparams(0.5, 1.0).zero_point == 0
 

@@ -143,7 +143,8 @@ def test_wrong_dtype_and_shape_of_calibration(tmp_path: Path, capsys) -> None:
             capsys,
         )
         assert status == 1, line
-        assert line.startswith("hawq-quantize: error:") and message in line
+        assert line.startswith("hawq-quantize: error:")
+        assert message in line
 
 
 def test_empty_calibration_folder(tmp_path: Path, capsys) -> None:
@@ -169,7 +170,8 @@ def test_empty_calibration_folder(tmp_path: Path, capsys) -> None:
     )
 
     assert status == 1
-    assert "images" in line and line.startswith("hawq-quantize: error:")
+    assert line.startswith("hawq-quantize: error:")
+    assert "images" in line
 
 
 def test_missing_inputs_and_unwritable_output(calib: Path, tmp_path: Path, capsys) -> None:
@@ -180,7 +182,8 @@ def test_missing_inputs_and_unwritable_output(calib: Path, tmp_path: Path, capsy
     ]
     for argv, message in cases:
         status, line = run_failing([*argv, "--out", str(tmp_path / "q.onnx"), "--size-ratio", "0.2"], capsys)
-        assert status == 2 and message in line
+        assert status == 2
+        assert message in line
 
     status, line = run_failing(
         [
@@ -194,4 +197,5 @@ def test_missing_inputs_and_unwritable_output(calib: Path, tmp_path: Path, capsy
         ],
         capsys,
     )
-    assert status == 2 and "does not exist; create it first" in line
+    assert status == 2
+    assert "does not exist; create it first" in line

@@ -81,7 +81,7 @@ def initializers(path: Path) -> dict[str, onnx.TensorProto]:
     return {init.name: init for init in onnx.load(str(path)).graph.initializer}
 
 
-def test_mixed_model_matches_torch_fake_quant_and_stores_int4(analysis, tmp_path: Path) -> None:
+def test_mixed_bits_match_torch_emulation(analysis, tmp_path: Path) -> None:
     check = export_configuration(analysis, [8, 4], tmp_path / "mixed.onnx")
     inits = initializers(check.export.path)
     folded = {i.name: numpy_helper.to_array(i) for i in analysis.prepared.onnx_model.graph.initializer}
@@ -104,7 +104,8 @@ def test_mixed_model_matches_torch_fake_quant_and_stores_int4(analysis, tmp_path
     np.testing.assert_array_equal(unpack_int4(fc_q), quantize_weight_np(folded[fc.weight], 4, 0).q)
     # The ReLU is absorbed by the uint8 zero point 0 of the Conv output.
     ops = [n.op_type for n in onnx.load(str(check.export.path)).graph.node]
-    assert "Relu" not in ops and "BatchNormalization" not in ops
+    assert "Relu" not in ops
+    assert "BatchNormalization" not in ops
 
 
 def test_quantized_model_stays_close_to_float(analysis, tmp_path: Path) -> None:
@@ -259,3 +260,44 @@ def test_infeasible_budget_fails_before_the_analysis(tmp_path: Path) -> None:
 def test_bad_options(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         QuantizeOptions(**kwargs)
+
+
+def test_finetuning_recovers_accuracy_at_two_bits(tmp_path: Path) -> None:
+    # Labels are the float model's own classes, so the float accuracy is 1 by construction.
+    x = calibration(n=96)
+    session = ort.InferenceSession(tiny_cnn().SerializeToString(), providers=["CPUExecutionProvider"])
+    labels = session.run(None, {"x": x})[0].argmax(1).astype(np.int64)
+    options = {"bits": (2, 8), "size_ratio": 2 / 32, "batch_size": 32, "hessian": FAST, "seed": 0}
+
+    plain = quantize(
+        tiny_cnn(), x, tmp_path / "plain.onnx", labels=labels, options=QuantizeOptions(**options)
+    )
+    tuned = quantize(
+        tiny_cnn(),
+        x,
+        tmp_path / "tuned.onnx",
+        labels=labels,
+        options=QuantizeOptions(**options, finetune_epochs=8, finetune_lr=3e-3),
+    )
+
+    assert plain.allocation.bits == tuned.allocation.bits == [2, 2]
+    assert tuned.fidelity.accuracy > plain.fidelity.accuracy
+    # Fine-tuning moves the weights, and the written model still matches the torch emulation.
+    assert tuned.torch_vs_onnxruntime < 0.01
+
+
+@pytest.mark.parametrize(
+    ("bits", "order", "epochs", "message"),
+    [
+        ([4, 8], [0], 1, "1 weights, 1 axes and 2 bit widths must match"),
+        ([4], [0, 0], 1, r"order \[0, 0\] must list each of the 1 layers once"),
+        ([4], [0], 0, "epochs must be >= 1 and lr > 0, got 0"),
+    ],
+)
+def test_finetune_rejects_bad_arguments(bits: list[int], order: list[int], epochs: int, message: str) -> None:
+    from quantized_inference_node.hawq.finetune import finetune
+
+    weight = torch.nn.Parameter(torch.ones(2, 2))
+
+    with pytest.raises(ValueError, match=message):
+        finetune([weight], [0], bits, order, [lambda: weight.pow(2).sum()], epochs, lr=1e-3)

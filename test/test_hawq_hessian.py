@@ -47,7 +47,7 @@ def test_least_squares_eigenvalue_and_trace_match_exact_hessian() -> None:
         closures_for(weight, x, y, sizes), sizes, [weight], ["linear"], HessianSettings(probes=100, seed=3)
     )
 
-    # The specification asks for 1 % on the eigenvalue and 5 % on the trace.
+    # Required accuracy: 1 % on the eigenvalue and 5 % on the trace.
     np.testing.assert_allclose(curvature.top_eigenvalue, exact_eigen, rtol=0.01)
     np.testing.assert_allclose(curvature.trace, exact_trace, rtol=0.05)
     assert curvature.num_params == k * x.shape[1]
@@ -86,7 +86,7 @@ def test_seeded_runs_repeat_exactly() -> None:
     assert first == second
 
 
-def test_layer_that_does_not_reach_the_loss_is_named() -> None:
+def test_unused_layer_is_named() -> None:
     used = torch.ones(3, requires_grad=True)
     unused = torch.ones(4, requires_grad=True)
     x = torch.arange(3.0)

@@ -27,14 +27,11 @@ from quantized_inference_node.inference import (  # noqa: E402
     DepthResult,
     DetectionResult,
     EngineHolder,
-    ImageError,
     InferenceEngine,
     LatencyStats,
     ModelLoadError,
     SegmentationResult,
     make_overlay,
-    prepare_input,
-    resize_geometry,
     select_providers,
 )
 from quantized_inference_node.latest_frame import LatestSlot  # noqa: E402
@@ -44,6 +41,7 @@ from quantized_inference_node.model_card import (  # noqa: E402
     model_card_from_dict,
     resolve_path,
 )
+from quantized_inference_node.preprocessing import ImageError, prepare_input, resize_geometry  # noqa: E402
 from surfel_mapping_node.camera import PinholeCamera  # noqa: E402
 
 DET_MODEL = "pkg:rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"

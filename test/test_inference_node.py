@@ -37,11 +37,12 @@ from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
-from std_msgs.msg import String  # noqa: E402
+from std_msgs.msg import Header, String  # noqa: E402
 from visualization_msgs.msg import MarkerArray  # noqa: E402
 
-from quantized_inference_node.model_card import resolve_path  # noqa: E402
-from quantized_inference_node.node import QuantizedInferenceNode  # noqa: E402
+from quantized_inference_node.model_card import ChannelOrder, resolve_path  # noqa: E402
+from quantized_inference_node.node import QuantizedInferenceNode, decode_image, encode_image  # noqa: E402
+from quantized_inference_node.preprocessing import ImageError  # noqa: E402
 
 pytestmark = pytest.mark.ros
 
@@ -49,7 +50,7 @@ DET_MODEL = "pkg:rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
 DET_CARD = "pkg:quantized_inference_node/models/ppocr_det_v4.yaml"
 CLS_MODEL = "pkg:rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
 CLS_CARD = "pkg:quantized_inference_node/models/ppocr_cls_v2.yaml"
-TIMEOUT_S = 30.0
+TIMEOUT_S = 60.0
 
 if not resolve_path(DET_MODEL).is_file():
     pytest.skip("rapidocr-onnxruntime's PP-OCR models are not installed", allow_module_level=True)
@@ -434,6 +435,28 @@ def test_missing_model_then_valid(start_node, tmp_path: Path) -> None:
     probe.publish_until(image_message(skimage_data.page(), "mono8", 6, 0, "camera"), "labels", stamp_is(6, 0))
 
 
+def test_no_model_then_parameters_one_by_one(start_node) -> None:
+    node, probe = start_node()
+
+    stats = probe.wait_stats(lambda s: s["_level"] == DiagnosticStatus.ERROR)
+    assert "no model_path set" in stats["_message"]
+    card_result = node.set_parameters([Parameter("card_path", value=CLS_CARD)])[0]
+    assert card_result.successful
+    assert node.engine is None
+    model_result = node.set_parameters([Parameter("model_path", value=CLS_MODEL)])[0]
+    assert model_result.successful
+    assert node.engine.card.name == "ppocr_cls_v2"
+
+    line = skimage_data.page()[5:45, 10:150]
+    probe.publish_until(
+        image_message(line, "mono8", 7, 0, "camera"),
+        "classification",
+        lambda m: json.loads(m.data)["header"]["sec"] == 7,
+    )
+    stats = probe.wait_stats(lambda s: s["_level"] == DiagnosticStatus.OK)
+    assert stats["model"] == "ppocr_cls_v2"
+
+
 def test_bad_images_are_rejected(start_node) -> None:
     _, probe = start_node(model_path=DET_MODEL, card_path=DET_CARD)
     page = skimage_data.page()
@@ -554,3 +577,98 @@ def test_detection_markers_and_json(start_node, tmp_path: Path) -> None:
     corners = [(p.x, p.y) for p in boxes[0].points]
     np.testing.assert_allclose(corners, [(8, 4), (40, 4), (40, 20), (8, 20), (8, 4)], atol=1e-6)
     assert boxes[0].header.frame_id == "camera"
+
+
+# ---------------------------------------------------------------- message conversion
+
+
+def test_decode_padded_rows() -> None:
+    # 2x3 rgb8 with a step of 12 bytes: 9 bytes of pixels then 3 bytes of row padding.
+    message = Image(height=2, width=3, encoding="rgb8", is_bigendian=0, step=12)
+    message.data = bytes([
+        1, 2, 3, 4, 5, 6, 7, 8, 9, 0xEE, 0xEE, 0xEE,
+        10, 11, 12, 13, 14, 15, 16, 17, 18, 0xEE, 0xEE, 0xEE,
+    ])  # fmt: skip
+
+    decoded = decode_image(message)
+
+    assert decoded.channel_order is ChannelOrder.RGB
+    np.testing.assert_array_equal(decoded.pixels[0, 2], [7, 8, 9])
+    np.testing.assert_array_equal(decoded.pixels[1, 0], [10, 11, 12])
+    assert decoded.pixels.shape == (2, 3, 3)
+
+
+def test_decode_16_bit_byte_orders() -> None:
+    little = Image(height=1, width=2, encoding="mono16", is_bigendian=0, step=4)
+    little.data = bytes([0x34, 0x12, 0xFF, 0x00])
+    big = Image(height=1, width=2, encoding="16UC1", is_bigendian=1, step=4)
+    big.data = bytes([0x12, 0x34, 0x00, 0xFF])
+
+    for message in (little, big):
+        decoded = decode_image(message)
+        assert decoded.pixels.dtype == np.uint16
+        assert decoded.channel_order is ChannelOrder.GRAY
+        np.testing.assert_array_equal(decoded.pixels, [[0x1234, 0x00FF]])
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"encoding": "rgba8", "height": 1, "width": 1, "step": 4, "data": b"\0" * 4},
+            "unsupported image encoding 'rgba8': use one of mono8",
+        ),
+        ({"encoding": "mono8", "height": 0, "width": 0, "step": 0, "data": b""}, r"empty image \(0x0\)"),
+        (
+            {"encoding": "bgr8", "height": 1, "width": 2, "step": 5, "data": b"\0" * 6},
+            "invalid image step 5 for 2 pixels of bgr8: a row needs at least 6 bytes",
+        ),
+        (
+            {"encoding": "mono8", "height": 2, "width": 2, "step": 2, "data": b"\0" * 3},
+            "image data of 3 bytes is shorter than height 2 x step 2",
+        ),
+    ],
+)
+def test_decode_rejects_bad_messages(fields: dict, message: str) -> None:
+    with pytest.raises(ImageError, match=message):
+        decode_image(Image(**fields))
+
+
+def test_encode_round_trip() -> None:
+    rng = np.random.default_rng(5)
+    depth = rng.random((3, 4), dtype=np.float32)
+    header = Header(frame_id="camera")
+
+    message = encode_image(depth, "32FC1", header)
+
+    assert (message.height, message.width, message.step) == (3, 4, 16)
+    assert message.header.frame_id == "camera"
+    np.testing.assert_array_equal(np.frombuffer(bytes(message.data), np.float32).reshape(3, 4), depth)
+
+
+def test_node_executable_starts_and_stops() -> None:
+    import signal
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-m", "quantized_inference_node.node", "--ros-args",
+        "-r", "__ns:=/subprocess_test", "-p", f"model_path:={CLS_MODEL}", "-p", f"card_path:={CLS_CARD}",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        output = ""
+        while "serving ppocr_cls_v2" not in output and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output += line
+        assert "serving ppocr_cls_v2" in output
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0

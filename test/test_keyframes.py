@@ -123,7 +123,7 @@ def test_revisit_links_old_nearby_keyframe() -> None:
     for i, x_m in enumerate([0.0, 2.0, 4.0, 6.0, 8.0, 6.0, 4.0, 2.0, 0.05]):
         graph.select(_pose(x_m=x_m), stamp_ns=i, keyframe_id=i)
 
-    # Keyframe 8 is at the start again; keyframe 0 is 8 chain hops away but linked directly.
+    # Keyframe 8 is back at the start. Keyframe 0 is 8 chain hops away but linked directly.
     assert 0 in graph[8].neighbors
     assert 0 in graph.local_map()
 

@@ -1,9 +1,9 @@
 """Static checks of the launch files, their parameter files and the RViz config.
 
-Each launch file is parsed as XML, without ROS: every node of this package must be
-a console_scripts entry point, every parameter (inline or from a YAML file) must be
-one the node declares with an allowed value, and every remapped topic must be one the
-node subscribes to in its input mode.
+Each launch file is parsed as XML, without ROS. Every node of this package must be a
+console_scripts entry point. Every parameter, inline or from a YAML file, must be one
+the node declares, with an allowed value. Every remapped topic must be one the node
+subscribes to in its input mode.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def test_mapping_node_parameters_are_declared_and_valid(launch_name: str):
 
 
 @pytest.mark.parametrize("launch_name", MAPPING_LAUNCH_FILES)
-def test_rviz_argument_defaults_to_false_and_starts_the_package_config(launch_name: str):
+def test_rviz_argument_off_by_default(launch_name: str):
     root = ET.parse(REPO_ROOT / "launch" / launch_name).getroot()
     args = arg_defaults(root)
     (rviz_node,) = [n for n in root.iter("node") if n.get("pkg") == "rviz2"]
@@ -161,7 +161,7 @@ def test_kitti_replay_defaults_are_the_converted_bag_topics():
     )
 
 
-def test_every_mapping_parameter_file_is_used_by_a_launch_file():
+def test_parameter_files_all_used():
     used = set()
     for launch_name in MAPPING_LAUNCH_FILES:
         root = ET.parse(REPO_ROOT / "launch" / launch_name).getroot()

@@ -1,8 +1,8 @@
 """Tests of the SurfelMapper: input checks, keyframes, loop closure and bounded per-frame work.
 
 Scenes are planes rendered in the test with PinholeCamera geometry. Most tests feed
-candidate surfels directly (integrate_surfels), one per 8×8-pixel cell, so they do not
-depend on the superpixel stage; the end-to-end test runs the whole pipeline.
+candidate surfels, one per 8×8-pixel cell, directly to integrate_surfels, so they do
+not depend on the superpixel stage. The end-to-end test runs the whole pipeline.
 """
 
 from __future__ import annotations

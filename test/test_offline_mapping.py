@@ -16,7 +16,7 @@ from surfel_mapping_node.pipeline import run_pipeline, select_indices
 from surfel_mapping_node.ply_io import read_surfel_ply
 
 
-def observed_points(dataset, indices, config, pixel_step=4):
+def observed_points(dataset, indices, config, pixel_step=2):
     from surfel_mapping_node.depth import decode_depth
     from surfel_mapping_node.poses import transform_points
 

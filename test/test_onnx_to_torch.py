@@ -52,7 +52,7 @@ def single_node_model(
     input_order: list[str] | None = None,
     **attrs,
 ) -> onnx.ModelProto:
-    """A graph with one node; INPUTS are graph inputs, INITIALIZERS constants."""
+    """Build a one-node graph whose INPUTS are graph inputs and INITIALIZERS constants."""
     names = input_order or [*inputs, *initializers]
     outputs = [f"y{i}" for i in range(output_count)]
     node = helper.make_node(op_type, names, outputs, name=f"{op_type.lower()}_node", **attrs)
@@ -399,7 +399,7 @@ def test_torch_exported_cnn_matches_onnxruntime_and_torch(dynamo: bool) -> None:
         )
 
 
-def test_hessian_vector_product_matches_torch_autograd_on_the_source_network() -> None:
+def test_hessian_vector_product_matches_source_network() -> None:
     model, net = export_small_cnn(dynamo=False)
     module = convert(model).double()
     net.clamp_gate = True
@@ -441,7 +441,8 @@ def test_quantizable_nodes_and_weight_parameters() -> None:
     names = {p.data_ptr() for p in module.parameters()}
     assert names == {p.data_ptr() for p in module.weight_parameters.values()}
     node = module.model.graph.node[by_type["Conv"][0].node_index]
-    assert node.op_type == "Conv" and node.input[1] == by_type["Conv"][0].weight_name
+    assert node.op_type == "Conv"
+    assert node.input[1] == by_type["Conv"][0].weight_name
 
 
 def test_activation_transform_and_capture() -> None:

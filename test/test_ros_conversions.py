@@ -77,7 +77,8 @@ def test_32fc1_big_endian_keeps_nan():
     data = struct.pack(">3f", *values)
     pixels = conv.image_to_numpy(make_image("32FC1", 3, 1, 12, data, big_endian=True))
 
-    assert pixels.dtype == np.float32 and pixels.dtype.isnative
+    assert pixels.dtype == np.float32
+    assert pixels.dtype.isnative
     np.testing.assert_allclose(pixels, [values], rtol=0, atol=0, equal_nan=True)
 
 
@@ -90,7 +91,8 @@ def test_numpy_to_image_round_trip():
     depth_msg = conv.numpy_to_image(depth, "16UC1", 7, "cam")
 
     assert (rgb_msg.step, rgb_msg.header.stamp.sec, rgb_msg.header.stamp.nanosec) == (15, 1, 500_000_123)
-    assert depth_msg.step == 10 and not depth_msg.is_bigendian
+    assert depth_msg.step == 10
+    assert not depth_msg.is_bigendian
     np.testing.assert_array_equal(conv.image_to_numpy(rgb_msg), rgb)
     np.testing.assert_array_equal(conv.image_to_numpy(depth_msg), depth)
 
@@ -132,7 +134,7 @@ def test_stamp_conversions():
         conv.ns_to_stamp(-1)
 
 
-def test_camera_info_uses_p_when_set_and_k_otherwise():
+def test_camera_info_prefers_p_over_k():
     info = CameraInfo(width=640, height=480)
     info.k = [585.0, 0.0, 320.0, 0.0, 586.0, 240.0, 0.0, 0.0, 1.0]
     camera_k = conv.camera_from_camera_info(info)
@@ -223,7 +225,7 @@ def test_invalid_poses_raise(xyz, q, match):
         conv.pose_stamped_to_matrix(PoseStamped(pose=make_pose(xyz, q)))
 
 
-def test_path_to_poses_keys_by_stamp_and_lists_invalid_and_duplicate_poses():
+def test_path_to_poses_invalid_and_duplicates():
     path = Path()
     for sec, x, w in [(1, 0.5, 1.0), (2, float("nan"), 1.0), (3, 1.5, 1.0), (3, 2.5, 1.0)]:
         stamped = PoseStamped(pose=make_pose((x, 0.0, 0.0), (0.0, 0.0, 0.0, w)))
@@ -276,7 +278,7 @@ def packed_rgb_float(r: int, g: int, b: int) -> float:
     return struct.unpack("<f", struct.pack("<I", (r << 16) | (g << 8) | b))[0]
 
 
-def test_surfel_cloud_to_pointcloud2_matches_a_hand_laid_buffer():
+def test_surfel_pointcloud2_hand_laid_bytes():
     cloud = make_cloud()
     msg = conv.surfel_cloud_to_pointcloud2(cloud, "map", 5_000_000_001, max_points=0)
 
@@ -304,7 +306,8 @@ def test_surfel_cloud_to_pointcloud2_matches_a_hand_laid_buffer():
         ("confidence", 32, PointField.FLOAT32, 1),
     ]
     assert (msg.height, msg.width, msg.point_step, msg.row_step) == (1, 3, 36, 108)
-    assert not msg.is_bigendian and msg.is_dense
+    assert not msg.is_bigendian
+    assert msg.is_dense
     assert (msg.header.frame_id, msg.header.stamp.sec, msg.header.stamp.nanosec) == ("map", 5, 1)
 
 
@@ -362,7 +365,7 @@ def test_pointcloud2_reader_handles_organized_padded_big_endian_clouds():
         conv.pointcloud2_to_xyz(msg)
 
 
-def test_disc_triangles_lie_in_the_disc_plane_at_the_radius():
+def test_disc_triangles_geometry():
     rng = np.random.default_rng(2)
     position = rng.normal(size=(5, 3))
     normal = rng.normal(size=(5, 3))
@@ -393,7 +396,8 @@ def test_surfels_to_marker_is_a_colored_triangle_list():
     cloud = make_cloud()
     marker = conv.surfels_to_marker(cloud, "map", 0, segments=4)
 
-    assert marker.type == Marker.TRIANGLE_LIST and marker.header.frame_id == "map"
+    assert marker.type == Marker.TRIANGLE_LIST
+    assert marker.header.frame_id == "map"
     assert len(marker.points) == len(marker.colors) == 3 * 4 * 3
     np.testing.assert_allclose(
         [marker.colors[0].r, marker.colors[0].g, marker.colors[0].b], np.array([255, 128, 1]) / 255, rtol=1e-6

@@ -18,7 +18,7 @@ from surfel_mapping_node.superpixels import (
 
 
 def two_planes(height: int, width: int, edge_u: int) -> tuple[np.ndarray, np.ndarray]:
-    """Uniform gray image; depth 1 m left of column edge_u and 3 m from it on."""
+    """Return a uniform gray image and depth 1 m left of column edge_u, 3 m from it on."""
     intensity = np.full((height, width), 128, np.uint8)
     depth_m = np.full((height, width), 1.0, np.float32)
     depth_m[:, edge_u:] = 3.0
@@ -47,7 +47,9 @@ def assert_consistent(sp: Superpixels, intensity: np.ndarray, depth_m: np.ndarra
             sp.pixel_indices[sp.pixel_offsets[s] : sp.pixel_offsets[s + 1]], np.flatnonzero(mask)
         )
         if not mask.any():
-            assert np.isnan(sp.center_u[s]) and np.isnan(sp.intensity[s]) and np.isnan(sp.depth_m[s])
+            assert np.isnan(sp.center_u[s])
+            assert np.isnan(sp.intensity[s])
+            assert np.isnan(sp.depth_m[s])
             continue
         # float32 outputs: 1e-5 relative.
         np.testing.assert_allclose(sp.center_u[s], u[mask].mean(), rtol=1e-5)
@@ -56,8 +58,8 @@ def assert_consistent(sp: Superpixels, intensity: np.ndarray, depth_m: np.ndarra
         assert np.isnan(sp.depth_m[s]) == (not has_depth[mask].any())
 
 
-def test_labels_do_not_cross_a_depth_edge_and_cover_every_pixel() -> None:
-    # Edge at column 52, in the middle of a grid cell; image size not divisible by 8.
+def test_labels_stop_at_depth_edge() -> None:
+    # The edge at column 52 cuts a grid cell, and 8 divides neither image side.
     intensity, depth_m = two_planes(77, 101, edge_u=52)
 
     sp = compute_superpixels(intensity, depth_m, SuperpixelConfig())
@@ -107,7 +109,7 @@ def test_all_nan_depth_gives_no_depth() -> None:
     assert_consistent(sp, intensity, depth_m)
 
 
-def test_zero_negative_and_infinite_depth_count_as_no_depth() -> None:
+def test_invalid_depth_values_count_as_none() -> None:
     intensity = np.full((16, 16), 50, np.uint8)
     depth_m = np.full((16, 16), 2.0, np.float32)
     depth_m[0, :] = 0.0
@@ -133,7 +135,8 @@ def test_seeds_that_lose_all_their_pixels() -> None:
     empty = sp.pixel_count == 0
     assert empty.any()
     assert (sp.labels >= 0).all()
-    assert np.isnan(sp.center_u[empty]).all() and np.isnan(sp.depth_m[empty]).all()
+    assert np.isnan(sp.center_u[empty]).all()
+    assert np.isnan(sp.depth_m[empty]).all()
     assert_consistent(sp, intensity, depth_m)
 
 
@@ -150,9 +153,9 @@ def test_non_finite_intensity_gets_no_label() -> None:
 
 
 def test_depth_is_a_huber_estimate() -> None:
-    # 90 pixels at 2.00 m and 10 outliers at 5.00 m: the mean is 2.30 m; a Huber
-    # estimate with a 5 cm threshold converges to 2.00 + 10·0.05/90 = 2.0056 m (the
-    # outliers pull with weight·residual = delta each).
+    # 90 pixels at 2.00 m and 10 outliers at 5.00 m have a mean of 2.30 m. A Huber
+    # estimate with a 5 cm threshold converges to 2.00 + 10·0.05/90 = 2.0056 m,
+    # because each outlier pulls with weight·residual = delta.
     depth_m = np.full((10, 10), 2.0, np.float32)
     depth_m[0, :] = 5.0
     intensity = np.zeros((10, 10), np.uint8)

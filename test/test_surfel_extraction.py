@@ -39,7 +39,7 @@ def surfels_of(depth_m: np.ndarray, image: np.ndarray | None = None,
 
 
 def test_tilted_plane_normal_and_position() -> None:
-    # A plane 2 m ahead, tilted 35° about an oblique axis; its normal faces the camera.
+    # A plane 2 m ahead whose normal, facing the camera, is 28° off the optical axis.
     normal = unit([0.45, -0.3, -1.0])
     point = np.array([0.0, 0.0, 2.0])
     depth_m = plane_depth(CAMERA, normal, point)
@@ -73,7 +73,7 @@ def test_position_is_on_the_superpixel_centre_ray() -> None:
     np.testing.assert_allclose(v, sp.center_v[valid], atol=1e-3)
 
 
-def test_normal_faces_the_camera_whichever_way_the_plane_is_given() -> None:
+def test_normal_faces_camera() -> None:
     # The same plane with its normal given pointing away from the camera.
     away = unit([0.3, 0.1, 1.0])
     depth_m = plane_depth(CAMERA, away, np.array([0.0, 0.0, 3.0]))
@@ -85,7 +85,7 @@ def test_normal_faces_the_camera_whichever_way_the_plane_is_given() -> None:
     np.testing.assert_allclose(normals @ -away, 1.0, atol=1e-4)
 
 
-def test_radius_weight_and_view_cosine_of_a_fronto_parallel_patch() -> None:
+def test_fronto_parallel_patch_radius_weight() -> None:
     # A 10×10 pixel patch centred on the principal point, 2 m ahead.
     depth_m = np.full(CAMERA.shape, 2.0, np.float32)
     labels = np.full(CAMERA.shape, -1, np.int32)
@@ -144,7 +144,8 @@ def test_gray_and_rgb_images_give_colors() -> None:
     from_gray = surfels_of(depth_m, gray)
     from_rgb = surfels_of(depth_m, rgb)
 
-    assert from_gray.valid.all() and from_rgb.valid.all()
+    assert from_gray.valid.all()
+    assert from_rgb.valid.all()
     np.testing.assert_array_equal(from_gray.color_rgb, np.tile([120, 120, 120], (from_gray.count, 1)))
     np.testing.assert_array_equal(from_rgb.color_rgb, np.tile([200, 100, 50], (from_rgb.count, 1)))
 
@@ -164,7 +165,7 @@ def test_color_is_the_superpixel_mean() -> None:
 
 
 def test_superpixel_across_a_depth_step_makes_no_surfel() -> None:
-    # One region: half at 1 m, half at 2 m; no plane holds 80 % of it within 5 cm.
+    # One region, half at 1 m and half at 2 m: no plane has 80 % of it within 5 cm.
     depth_m = np.full(CAMERA.shape, 1.0, np.float32)
     depth_m[:, 80:] = 2.0
     labels = np.full(CAMERA.shape, -1, np.int32)
@@ -199,8 +200,7 @@ def test_plane_fit_is_robust_to_outliers() -> None:
 
 def test_too_few_pixels_with_depth_make_no_surfel() -> None:
     depth_m = np.full(CAMERA.shape, np.nan, np.float32)
-    depth_m[10, 10:24] = 1.0  # 14 + 2 = 16 pixels with depth, on a plane
-    depth_m[11, 10:12] = 1.0
+    depth_m[10:14, 10:14] = 1.0  # 16 pixels with depth, on a plane
     labels = np.zeros(CAMERA.shape, np.int32)
     gray = np.zeros(CAMERA.shape, np.uint8)
     sp = superpixels_from_labels(labels, gray, depth_m)
@@ -210,6 +210,20 @@ def test_too_few_pixels_with_depth_make_no_surfel() -> None:
 
     assert default.valid[0]
     assert not fewer.valid[0]
+
+
+def test_pixels_on_a_line_make_no_surfel() -> None:
+    # 40 pixels with depth in one image row fix no plane (any plane through their
+    # 3-D line fits them).
+    depth_m = np.full(CAMERA.shape, np.nan, np.float32)
+    depth_m[30, 20:60] = 2.0
+    labels = np.zeros(CAMERA.shape, np.int32)
+    gray = np.zeros(CAMERA.shape, np.uint8)
+
+    surfels = extract_surfels(superpixels_from_labels(labels, gray, depth_m), gray, depth_m,
+                              CAMERA, SurfelConfig())
+
+    assert not surfels.valid[0]
 
 
 def test_two_runs_and_thread_counts_give_identical_surfels() -> None:
@@ -292,3 +306,32 @@ def test_real_kinect_frame(seven_scenes_dir: Path) -> None:
     assert np.median(np.abs(dz)) < 0.01
     assert (surfels.view_cosine[surfels.valid] >= 0.1).all()
     assert (surfels.weight[surfels.valid] <= 1.0).all()
+
+
+def test_real_kitti_stereo_frame(kitti_dir: Path) -> None:
+    import cv2
+
+    sequence = kitti_dir / "sequences" / "00"
+    left = cv2.imread(str(sequence / "image_0" / "000000.png"), cv2.IMREAD_GRAYSCALE)
+    right = cv2.imread(str(sequence / "image_1" / "000000.png"), cv2.IMREAD_GRAYSCALE)
+    matcher = cv2.StereoSGBM_create(
+        minDisparity=0, numDisparities=128, blockSize=5, P1=8 * 25, P2=32 * 25,
+        mode=cv2.STEREO_SGBM_MODE_SGBM_3WAY,
+    )
+    disparity = matcher.compute(left, right).astype(np.float32) / 16.0
+    fx, baseline_m = 718.856, 0.537
+    with np.errstate(divide="ignore"):
+        depth_m = np.where(disparity > 0, fx * baseline_m / disparity, np.nan).astype(np.float32)
+    depth_m[depth_m > 30.0] = np.nan
+    camera = PinholeCamera(1241, 376, fx, fx, 607.1928, 185.2157)
+    superpixel_config = SuperpixelConfig(huber_delta_m=0.4)
+    sp = compute_superpixels(left, depth_m, superpixel_config)
+
+    surfels = extract_surfels(sp, left, depth_m, camera, SurfelConfig(inlier_range_m=0.4))
+
+    assert sp.count == 47 * 155
+    assert surfels.valid.sum() > 1000
+    position = surfels.position_camera[surfels.valid]
+    normal = surfels.normal_camera[surfels.valid]
+    assert (position[:, 2] > 0).all()
+    assert ((position * normal).sum(axis=1) < 0).all()

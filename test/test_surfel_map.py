@@ -184,6 +184,6 @@ def test_memory_bytes_counts_capacity() -> None:
     rng = np.random.default_rng(8)
     surfel_map, _ = _map_with_keyframes(rng, {1: 10})
 
-    # 64 rows is the smallest capacity; each row takes the bytes of every attribute.
+    # 64 rows is the smallest capacity. Each row takes the bytes of every attribute.
     row_bytes = 12 + 12 + 3 + 4 + 4 + 4 + 8 + 8 + 8 + 8 + 1
     assert surfel_map.memory_bytes() == 64 * row_bytes

@@ -44,6 +44,7 @@ from .fake_quant import (
     fake_quantize_activation,
     fake_quantize_weight,
 )
+from .finetune import finetune
 from .hessian import HessianSettings, LayerCurvature, layer_curvatures
 from .onnx_to_torch import OnnxGraphModule, convert, fold_batchnorm, load_onnx_model
 from .qdq_export import (
@@ -454,62 +455,6 @@ def set_activation_quantization(
     prepared.module.set_activation_transform(transforms)
 
 
-def finetune(
-    prepared: PreparedModel,
-    batches: Sequence[Batch],
-    bits: Sequence[int],
-    order: Sequence[int],
-    kind: LossKind,
-    epochs: int,
-    lr: float,
-    seed: int,
-) -> None:
-    """Quantization-aware fine-tuning with a straight-through estimator (in place).
-
-    Layers are unfrozen one block at a time in ORDER (HAWQ v1: descending
-    lambda_i * ||Q(W_i) - W_i||^2), each block trained EPOCHS epochs with all
-    weights and activations fake-quantized; the float weights are updated with the
-    gradient taken at their quantized values.
-    """
-    torch.manual_seed(seed)
-    module = prepared.module
-    shadows = [w.detach().clone() for w in prepared.weights]
-
-    # The float model's outputs, for a distillation loss.
-    transforms = module.activation_transforms
-    module.set_activation_transform(None)
-    with torch.no_grad():
-        teachers = [_first_output(module(**_torch_feeds(batch))).detach() for batch in batches]
-    module.set_activation_transform(transforms)
-    for position, layer_index in enumerate(order):
-        active = order[: position + 1]
-        trainable = [shadows[i].requires_grad_(True) for i in active]
-        optimizer = torch.optim.Adam(trainable, lr=lr)
-        for _ in range(epochs):
-            for batch, teacher in zip(batches, teachers, strict=True):
-                feeds = _torch_feeds(batch)
-                with torch.no_grad():
-                    for w, s, layer, b in zip(prepared.weights, shadows, prepared.layers, bits, strict=True):
-                        w.copy_(fake_quantize_weight(s, b, layer.channel_axis))
-                output = _first_output(module(**feeds))
-                labels = torch.from_numpy(np.asarray(batch.labels))
-                loss = make_loss(kind, output, teacher, labels)
-                grads = torch.autograd.grad(loss, [prepared.weights[i] for i in active])
-                optimizer.zero_grad()
-                for shadow, grad in zip(trainable, grads, strict=True):
-                    shadow.grad = grad
-                optimizer.step()
-        LOGGER.info(
-            "fine-tuned block %d/%d (layer %s)",
-            position + 1,
-            len(order),
-            prepared.layers[layer_index].node_name,
-        )
-    with torch.no_grad():
-        for w, s in zip(prepared.weights, shadows, strict=True):
-            w.copy_(s.detach())
-
-
 def _write_back_weights(prepared: PreparedModel) -> onnx.ModelProto:
     """Return the float ONNX model with the (fine-tuned) torch weights as initializers."""
     model = onnx.ModelProto.FromString(prepared.onnx_model.SerializeToString())
@@ -521,11 +466,11 @@ def _write_back_weights(prepared: PreparedModel) -> onnx.ModelProto:
     return model
 
 
-def onnxruntime_outputs(model: onnx.ModelProto | Path, batches: Sequence[Batch]) -> np.ndarray:
+def onnxruntime_outputs(model: onnx.ModelProto | str | Path, batches: Sequence[Batch]) -> np.ndarray:
     """Run a model in onnxruntime over the batches; return its first output, concatenated."""
     import onnxruntime as ort
 
-    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     return np.concatenate([session.run(None, b.feeds)[0] for b in batches])
 
@@ -802,17 +747,20 @@ def quantize(
             range(len(prepared.layers)),
             key=lambda i: -analysis.sensitivities[i].finetune_key(allocation.bits[i]),
         )
+        # The closures take the float model's outputs now, before quantization is switched on.
+        losses = _loss_closures(prepared.module, analysis.batches, analysis.loss)
         set_activation_quantization(prepared, analysis.qparams)
         try:
             finetune(
-                prepared,
-                analysis.batches,
+                prepared.weights,
+                [layer.channel_axis for layer in prepared.layers],
                 allocation.bits,
                 order,
-                analysis.loss,
+                losses,
                 options.finetune_epochs,
                 options.finetune_lr,
                 options.seed,
+                names=[layer.node_name for layer in prepared.layers],
             )
         finally:
             set_activation_quantization(prepared, None)

@@ -130,6 +130,7 @@ def allocate_bits(
     )
 
     # Check the budgets against their lower bounds first, for a useful message.
+    # NOTE: 2-bit layers count 2 bits here but take 4 bits in the file (int4 storage).
     min_size = check_size_budget(num_params, candidates, size_budget_bytes, pinned)
     if bops_budget is not None:
         min_bops = float(np.where(allowed, bops, np.inf).min(axis=1).sum())

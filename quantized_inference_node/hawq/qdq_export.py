@@ -350,6 +350,8 @@ def build_qdq_model(
             q_init = numpy_helper.from_array(wq.q.astype(np.int8), q_name)
             zp_init = numpy_helper.from_array(np.zeros(len(wq.scale), np.int8), f"{layer.weight}_zero_point")
         else:
+            # NOTE: onnxruntime runs 4-bit layers as DequantizeLinear -> float op and dequantizes
+            # the weights on every run, so at batch size 1 they are slower than FP32.
             q_init = _int4_tensor(q_name, wq.q)
             zp_init = _int4_tensor(f"{layer.weight}_zero_point", np.zeros(len(wq.scale), np.int8))
         new_inits += [q_init, zp_init, numpy_helper.from_array(wq.scale, f"{layer.weight}_scale")]
