@@ -7,10 +7,10 @@ the 7-Scenes redkitchen excerpt:
 - abs-rel: mean of |d_pred - d_gt| / d_gt over valid ground-truth pixels;
 - delta<1.25: fraction of valid pixels with max(d_pred/d_gt, d_gt/d_pred) < 1.25;
 
-both at the network's output resolution (80x64), the ground truth reduced from
-640x480 by nearest-neighbour sampling (cv2.INTER_NEAREST, so each output pixel takes
-one real measurement and no depth is invented across edges; a pixel whose sample is
-invalid is left out). It also measures onnxruntime CPU latency per image (p50, p90),
+both at the network's output resolution (80x64). The ground truth is reduced from
+640x480 by nearest-neighbour sampling (cv2.INTER_NEAREST), so each output pixel takes
+one real measurement and no depth is invented across edges. A pixel whose sample is
+invalid is left out. It also measures onnxruntime CPU latency per image (p50, p90),
 every variant in one run so the ratios to FP32 are comparable, and the model sizes.
 
 The validation frames come from the same room and the same few seconds of recording
@@ -54,7 +54,8 @@ HAWQ_MODEL = MODEL_DIR / "model_hawq.onnx"
 
 TRAIN_FRAMES = tuple(range(0, 240))
 VALIDATION_FRAMES = tuple(range(240, 300))
-# Kinect v1 measures from about 0.4 m to 4.5 m; the redkitchen excerpt stays inside 0.2-6 m.
+# Valid range of the decoded depth. The excerpt's valid measurements lie between 0.80 m and
+# 3.60 m, so the range drops only the 0 and 65535 markers there.
 MIN_DEPTH_M = 0.2
 MAX_DEPTH_M = 6.0
 # Network output size (width, height): half the 160x128 input.
@@ -129,7 +130,9 @@ def downsample_depth_nearest(depth_m: np.ndarray, output_size: tuple[int, int]) 
     """
     depth_m = np.asarray(depth_m)
     if depth_m.ndim != 2:
-        raise ValueError(f"invalid depth shape {depth_m.shape}: expected (height, width)")
+        raise ValueError(
+            f"invalid depth shape {depth_m.shape}: expected (height, width); squeeze a channel axis first"
+        )
     width, height = output_size
     if width < 1 or height < 1:
         raise ValueError(f"invalid output_size {output_size}: expected (width, height) >= 1")
@@ -191,10 +194,14 @@ def depth_metrics(pred_m: np.ndarray, gt_m: np.ndarray) -> DepthMetrics:
     pred_m = np.asarray(pred_m, dtype=np.float64)
     gt_m = np.asarray(gt_m, dtype=np.float64)
     if pred_m.shape != gt_m.shape:
-        raise ValueError(f"prediction shape {pred_m.shape} differs from ground truth shape {gt_m.shape}")
+        raise ValueError(
+            f"invalid prediction shape {pred_m.shape}: expected the ground truth's shape {gt_m.shape}"
+        )
     valid = np.isfinite(gt_m) & (gt_m > 0)
     if not valid.any():
-        raise ValueError("no valid ground-truth pixel: every depth is NaN or <= 0")
+        raise ValueError(
+            "no valid ground-truth pixel: every depth is NaN or <= 0; score frames with depth measurements"
+        )
 
     pred, gt = pred_m[valid], gt_m[valid]
     ratio = np.maximum(pred / gt, gt / pred)
@@ -207,7 +214,7 @@ def depth_metrics(pred_m: np.ndarray, gt_m: np.ndarray) -> DepthMetrics:
 
 
 def make_session(model_path: str | Path, threads: int = 1):
-    """Return an onnxruntime CPU session with a fixed thread count (1 thread: steady timings)."""
+    """Return an onnxruntime CPU session with a fixed thread count (one thread gives steadier timings)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -275,7 +282,7 @@ def quantize_uniform_int8(
         quantize_static,
     )
 
-    class _Reader(CalibrationDataReader):
+    class _FrameReader(CalibrationDataReader):
         def __init__(self) -> None:
             self._feeds = iter(
                 [{input_name: calibration_images[i : i + 1]} for i in range(len(calibration_images))]
@@ -287,7 +294,7 @@ def quantize_uniform_int8(
     quantize_static(
         str(fp32_path),
         str(out_path),
-        _Reader(),
+        _FrameReader(),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         activation_type=QuantType.QUInt8,
@@ -298,7 +305,7 @@ def quantize_uniform_int8(
 
 
 def weight_bytes(model_path: Path) -> dict[str, int]:
-    """Return the stored bytes of the model's initializers: total and per element type name."""
+    """Return the stored bytes of the model's initializers, in total ("total") and per element type."""
     import onnx
 
     model = onnx.load(str(model_path))
@@ -386,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     if not FP32_MODEL.is_file():
         parser.error(f"{FP32_MODEL} not found; run python -m benchmarks.train_depth_network first")
     if args.runs < 1:
-        parser.error(f"--runs must be >= 1, got {args.runs}")
+        parser.error(f"invalid --runs {args.runs}: give 1 or more")
+    if args.threads < 1:
+        parser.error(f"invalid --threads {args.threads}: give 1 or more")
     card = load_model_card(FP32_MODEL.with_suffix(".yaml"))
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -138,6 +138,21 @@ class KeyframeConfig:
     pose_update_tolerance_m: float = 1e-6
     pose_update_tolerance_deg: float = 1e-5
 
+    def validate(self) -> None:
+        """Raise ConfigError when a threshold or a count is negative."""
+        for name in (
+            "min_translation_m",
+            "min_rotation_deg",
+            "local_map_radius_m",
+            "pose_update_tolerance_m",
+            "pose_update_tolerance_deg",
+            "local_map_hops",
+            "revisit_links",
+        ):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ConfigError(f"invalid keyframes.{name}={value}: it must be >= 0")
+
 
 @dataclass
 class MapperConfig:
@@ -183,6 +198,7 @@ class MapperConfig:
             )
         if f.max_weight <= 0:
             raise ConfigError(f"invalid fusion.max_weight={f.max_weight}: it must be > 0")
+        self.keyframes.validate()
         if not 0 <= self.surfels.min_inlier_ratio <= 1:
             raise ConfigError(
                 f"invalid surfels.min_inlier_ratio={self.surfels.min_inlier_ratio}: use a value in [0, 1]"

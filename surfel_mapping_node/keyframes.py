@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from surfel_mapping_node.config import ConfigError, KeyframeConfig
+from surfel_mapping_node.config import KeyframeConfig
 from surfel_mapping_node.poses import check_pose, invert
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class KeyframeGraph:
     """
 
     def __init__(self, config: KeyframeConfig) -> None:
-        _check_config(config)
+        config.validate()
         self.config = config
         self._keyframes: dict[int, Keyframe] = {}
         self.current_id: int | None = None
@@ -300,20 +300,3 @@ def _append_row(array: np.ndarray, size: int, row: np.ndarray) -> np.ndarray:
         array = grown
     array[size - 1] = row
     return array
-
-
-def _check_config(config: KeyframeConfig) -> None:
-    for name in (
-        "min_translation_m",
-        "min_rotation_deg",
-        "local_map_radius_m",
-        "pose_update_tolerance_m",
-        "pose_update_tolerance_deg",
-    ):
-        value = getattr(config, name)
-        if not value >= 0:
-            raise ConfigError(f"invalid keyframes.{name}={value}: it must be >= 0")
-    for name in ("local_map_hops", "revisit_links"):
-        value = getattr(config, name)
-        if value < 0:
-            raise ConfigError(f"invalid keyframes.{name}={value}: it must be >= 0")

@@ -44,7 +44,7 @@ def test_depth_metrics_match_hand_computed_values() -> None:
 
 
 def test_depth_metrics_rejects_mismatched_shapes() -> None:
-    with pytest.raises(ValueError, match=r"prediction shape \(2, 2\) differs"):
+    with pytest.raises(ValueError, match=r"invalid prediction shape \(2, 2\)"):
         depth_metrics(np.ones((2, 2)), np.ones((2, 3)))
 
 
@@ -70,11 +70,11 @@ def test_downsample_depth_nearest_rejects_bad_input() -> None:
         downsample_depth_nearest(np.ones((2, 2), np.float32), (0, 2))
 
 
-def test_load_depth_samples_rejects_no_frames(seven_scenes_dir: Path) -> None:
+def test_load_depth_samples_rejects_no_frames(tmp_path: Path) -> None:
     from benchmarks.train_depth_network import INPUT_SIZE, depth_card
 
     with pytest.raises(ValueError, match="frame_indices is empty"):
-        load_depth_samples(seven_scenes_dir, [], depth_card().input, INPUT_SIZE)
+        load_depth_samples(tmp_path, [], depth_card().input, INPUT_SIZE)
 
 
 def test_masked_log_l1_ignores_invalid_pixels() -> None:
@@ -94,7 +94,7 @@ def test_train_depth_network_rejects_zero_epochs() -> None:
     from benchmarks.train_depth_network import train_depth_network
 
     samples = DepthSamples(np.zeros((1, 3, 128, 160), np.float32), np.ones((1, 1, 64, 80), np.float32), (0,))
-    with pytest.raises(ValueError, match=r"epochs \(0\)"):
+    with pytest.raises(ValueError, match="invalid epochs 0"):
         train_depth_network(samples, epochs=0)
 
 

@@ -1,0 +1,140 @@
+"""surfel_mapping_node fed 3 s of real 7-Scenes RGB-D at 30 Hz over DDS.
+
+The node runs in its own process, started by benchmarks/bench_node_throughput.py;
+this process publishes the frames. Checked: every published frame is fused or
+counted as dropped, the last map update holds everything fused, memory stays
+bounded, and the node stops cleanly on SIGINT. Nothing here checks speed: on a
+loaded machine the node fuses fewer frames and skips more, and every check holds
+either way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+rclpy = pytest.importorskip("rclpy", reason="rclpy and the ROS 2 message packages are not installed")
+
+from benchmarks.bench_node_throughput import (  # noqa: E402
+    NodeRunError,
+    ThroughputConfig,
+    ThroughputResult,
+    load_frame_messages,
+    run_throughput,
+)
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow]
+
+SECONDS = 3.0
+RATE_HZ = 30.0
+FRAME_COUNT = 90
+# Mapping failures that must not happen on clean input (other reasons are legitimate).
+FAILURE_REASONS = ("frame_failed", "mapper_skipped", "size_mismatch", "intrinsics_mismatch")
+
+
+def domain_id() -> int:
+    return 1 + os.getpid() % 100
+
+
+@pytest.fixture(scope="module")
+def run(seven_scenes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ThroughputResult:
+    # Reliable image QoS with a DDS reader queue as deep as the whole run, so DDS
+    # cannot drop a frame: every published frame must then appear in the node's counters.
+    config = ThroughputConfig(
+        seconds=SECONDS,
+        rate_hz=RATE_HZ,
+        image_qos="reliable",
+        image_queue_size=FRAME_COUNT,
+        publish_rate_hz=5.0,
+        idle_s=0.5,
+    )
+    messages, _ = load_frame_messages(seven_scenes_dir, 0, config.frame_count)
+    work_dir = tmp_path_factory.mktemp("node_throughput")
+    return run_throughput(messages, config, work_dir, warm_up_dir=seven_scenes_dir, domain_id=domain_id())
+
+
+def test_every_published_frame_is_fused_or_counted_as_dropped(run: ThroughputResult):
+    assert run.published == FRAME_COUNT
+    assert run.fused >= 1, run.counters
+
+    # Each matched frame is fused, skipped while the mapper was busy, or dropped with a reason.
+    assert run.matched == run.fused + run.skipped_busy + sum(run.frame_drops_in_node.values()), run.counters
+    # Each published frame is matched or dropped by the synchronizer: none vanished.
+    assert run.unaccounted == 0, f"{run.unaccounted} frames neither fused nor counted: {run.counters}"
+    assert run.published == run.fused + run.dropped
+    failures = {reason: run.frame_drops_in_node.get(reason, 0) for reason in FAILURE_REASONS}
+    assert not any(failures.values()), failures
+
+
+def test_last_map_update_holds_every_fused_frame(run: ThroughputResult):
+    # The node published after its last fused frame: the last cloud is the whole map,
+    # which ~/save_map wrote once the node was idle.
+    assert run.maps, "no ~/map received"
+    assert run.saved_surfels is not None and run.saved_surfels > 0
+    assert run.maps[-1].width == run.saved_surfels
+    publication_stamps = [m.stamp_ns for m in run.maps]
+    assert publication_stamps == sorted(publication_stamps)
+
+    # Every keyframe is in the last path, stamped with the image it was made from,
+    # and reached this process after that image was published.
+    keyframes = run.counters["keyframes"]
+    assert keyframes >= 1
+    last_path = run.paths[-1].keyframe_stamps_ns
+    assert len(last_path) == keyframes
+    assert set(last_path) <= set(run.published_stamps_ns)
+    latencies = run.keyframe_latencies_s()
+    assert set(latencies) == set(last_path)
+    assert min(latencies.values()) > 0
+
+
+def test_node_memory_stays_bounded(run: ThroughputResult):
+    # A node that kept the frames it skipped would grow by at least their decoded
+    # images; the map and DDS buffers grow too, so allow half of that plus 96 MiB.
+    during = [s.rss_bytes for s in run.samples if run.publish_start_s <= s.t_s <= run.quiet_s]
+    growth = max(during) - run.sample_at(run.publish_start_s).rss_bytes
+    kept_if_unbounded = run.skipped_busy * run.frame_bytes
+    assert growth < 0.5 * kept_if_unbounded + 96 * 2**20, (
+        f"node RSS grew by {growth / 2**20:.0f} MiB while {run.skipped_busy} frames were skipped"
+    )
+
+
+def test_node_stops_cleanly_on_sigint(run: ThroughputResult):
+    assert run.node_exit_code == 0, run.node_log[-3000:]
+    assert "Traceback" not in run.node_log
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("seconds", 0.0, "invalid seconds=0.0"),
+        ("rate_hz", float("nan"), "invalid rate_hz=nan"),
+        ("publish_rate_hz", -1.0, "invalid publish_rate_hz=-1.0"),
+        ("idle_s", float("inf"), "invalid idle_s=inf"),
+        ("first_frame", -1, "invalid first_frame=-1"),
+        ("image_qos", "best_effort", "invalid image_qos='best_effort': use 'sensor_data' or 'reliable'"),
+        ("image_queue_size", 0, "invalid image_queue_size=0: use 1 or more"),
+    ],
+)
+def test_config_rejects_invalid_values(field: str, value: object, match: str):
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        ThroughputConfig(**{field: value})
+
+
+def test_more_frames_than_the_folder_holds_are_refused(seven_scenes_dir: Path):
+    with pytest.raises(ValueError, match=r"need 301 frames but .* has 300: shorten --seconds"):
+        load_frame_messages(seven_scenes_dir, 1, 300)
+
+
+def test_too_few_messages_for_the_run_are_refused(tmp_path: Path):
+    with pytest.raises(ValueError, match="0 frames of messages given but the run publishes 90"):
+        run_throughput([], ThroughputConfig(seconds=3.0), tmp_path)
+
+
+def test_node_that_refuses_its_parameters_raises(seven_scenes_dir: Path, tmp_path: Path):
+    # The node allows publish_rate up to 100 Hz and exits with code 2 otherwise.
+    config = ThroughputConfig(seconds=0.1, rate_hz=10.0, publish_rate_hz=1000.0)
+    messages, _ = load_frame_messages(seven_scenes_dir, 0, config.frame_count)
+    with pytest.raises(NodeRunError, match="exited with code 2 before subscribing"):
+        run_throughput(messages, config, tmp_path, domain_id=domain_id())
