@@ -49,7 +49,6 @@ setup(
     maintainer_email="maintainers@surfel-perception.invalid",
     description="Dense surfel mapping and quantized neural perception for ROS 2 on the CPU.",
     license="Apache-2.0",
-    tests_require=["pytest"],
     entry_points={
         "console_scripts": [
             "surfel-map = surfel_mapping_node.cli:main",

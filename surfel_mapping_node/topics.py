@@ -1,8 +1,10 @@
 """Default topic names, frame ids and message types: one place for the node and the bag tools.
 
-The mapping node subscribes to these topics by default, ``surfel-map convert`` writes
-bags with them, and :class:`~surfel_mapping_node.datasets.rosbag.BagDataset` reads
-them, so a converted bag plays straight into the node.
+``surfel-map convert`` writes bags with these topics and
+:class:`~surfel_mapping_node.datasets.rosbag.BagDataset` reads them. The mapping node
+subscribes to relative names (``image``, ``depth``, ``pose``, ...);
+``launch/kitti_replay.launch.xml`` remaps those to these topics, so a converted bag
+plays straight into the node.
 
 Frames follow REP 103/105: images live in optical frames (z forward, x right, y down)
 and poses are given in ``map``. Depth registered to the color image carries the color
