@@ -29,7 +29,15 @@ setup(
     name=PACKAGE_NAME,
     version="0.1.0",
     packages=find_packages(exclude=["test", "test.*", "benchmarks", "benchmarks.*"]),
-    package_data={"quantized_inference_node": ["models/*.onnx", "models/*.yaml"]},
+    package_data={
+        "quantized_inference_node": [
+            "models/*.onnx",
+            "models/*.yaml",
+            "models/*/*.onnx",
+            "models/*/*.yaml",
+            "models/*/README.md",
+        ]
+    },
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE_NAME}"]),
         (f"share/{PACKAGE_NAME}", ["package.xml"]),

@@ -454,6 +454,7 @@ class HawqResult:
     hessian_memory: PeakMemory
     activation_memory: PeakMemory
     quantized_activations: int
+    model: onnx.ModelProto
 
 
 @dataclass(frozen=True)
@@ -465,7 +466,8 @@ class HawqSettings:
         hessian_crop: side of the crops the Hessian analysis runs on, pixels.
         hessian_samples: crops used by the Hessian analysis.
         hessian_batch: crops per batch of the Hessian analysis.
-        iterations: power-iteration cap per layer.
+        iterations: power-iteration cap per layer; the eigenvalues are reported by the
+            tool but unused here, since the allocation uses the traces.
         probes: Hutchinson probes per batch, for weights and activations.
         target_iou: pooled IoU on the calibration crops the protection must reach.
         seed: seed of the probes.
@@ -473,9 +475,9 @@ class HawqSettings:
 
     size_ratio: float = 0.2
     hessian_crop: int = 96
-    hessian_samples: int = 8
+    hessian_samples: int = 4
     hessian_batch: int = 4
-    iterations: int = 5
+    iterations: int = 1
     probes: int = 8
     target_iou: float = 0.95
     seed: int = 0
@@ -536,11 +538,11 @@ def hawq_quantize(
     scores = {n: traces[n] * qparams[n].scale ** 2 / 12 for n in quantized}
     ranking = sorted(scores.items(), key=lambda item: item[1], reverse=True)
 
-    # Protect the fewest top-ranked tensors that reach the target on the crops.
+    # Protect the fewest top-ranked tensors that reach the target on the crops, or,
+    # when no count reaches it, the count with the best crop IoU.
     float_session = make_session(prepared.onnx_model)
     references = run_batched(float_session, crops)
     ladder: list[tuple[int, float]] = []
-    chosen_path = folder / "hawq.onnx"
     for count in PROTECTION_LADDER:
         protected = {name for name, _ in ranking[:count]}
         kept = _without(qparams, protected, prepared.onnx_model)
@@ -550,16 +552,20 @@ def hawq_quantize(
         score = pooled_iou(run_batched(make_session(candidate), crops), references)
         ladder.append((count, score))
         logger.info("protecting %d activation(s): pooled crop IoU %.3f", count, score)
-        if score >= settings.target_iou or count == PROTECTION_LADDER[-1]:
-            candidate.replace(chosen_path)
+        if score >= settings.target_iou:
             break
+    chosen = next((c for c, s in ladder if s >= settings.target_iou), None)
+    if chosen is None:
+        chosen = max(ladder, key=lambda entry: (entry[1], -entry[0]))[0]
+    chosen_path = folder / "hawq.onnx"
+    (folder / f"hawq_protect{chosen}.onnx").replace(chosen_path)
 
     return HawqResult(
         path=chosen_path,
         bits=list(allocation.bits),
         size_bytes=allocation.size_bytes,
         fp32_bytes=fp32_bytes,
-        protected=[name for name, _ in ranking[: ladder[-1][0]]],
+        protected=[name for name, _ in ranking[:chosen]],
         ranking=ranking,
         ladder=ladder,
         layer_names=[layer.node_name for layer in layers],
@@ -567,6 +573,7 @@ def hawq_quantize(
         hessian_memory=hessian_memory,
         activation_memory=activation_memory,
         quantized_activations=len(quantized),
+        model=prepared.onnx_model,
     )
 
 
@@ -583,10 +590,29 @@ def _without(
 
 
 def describe_tensor(model: onnx.ModelProto, name: str) -> str:
-    """Return 'producer op -> consumer ops' for a tensor, for the report."""
-    producer = next((n.op_type for n in model.graph.node if name in n.output), "input")
-    consumers = sorted({n.op_type for n in model.graph.node if name in n.input})
-    return f"{producer} -> {', '.join(consumers) or 'output'}"
+    """Return 'producer op -> consumer ops' for a tensor, naming the block roles.
+
+    A Mul whose other input comes from a HardSigmoid is a squeeze-excitation gate, one
+    whose other input comes from a Div (x * clip(x + 3, 0, 6) / 6) is a hard-swish.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    producer = producers[name].op_type if name in producers else "input"
+    consumers = set()
+    for node in model.graph.node:
+        if name not in node.input:
+            continue
+        label = node.op_type
+        if node.op_type == "Mul":
+            others = [producers.get(i) for i in node.input if i != name]
+            kinds = {other.op_type for other in others if other is not None}
+            if "HardSigmoid" in kinds:
+                label = "Mul (SE gate)"
+            elif "Div" in kinds:
+                label = "Mul (hard-swish)"
+        elif node.op_type == "GlobalAveragePool":
+            label = "GlobalAveragePool (SE squeeze)"
+        consumers.add(label)
+    return f"{producer} -> {', '.join(sorted(consumers)) or 'output'}"
 
 
 # -- latency -------------------------------------------------------------------------------------
@@ -748,7 +774,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.max_side, args.crops, args.crop_size, args.repeats = 320, 16, 128, 5
-        args.hessian_samples, args.iterations, args.probes = 4, 2, 2
+        args.hessian_samples, args.iterations, args.probes = 4, 1, 2
         args.no_write = True
     for name in ("max_side", "crops", "crop_size", "hessian_crop", "hessian_samples", "repeats"):
         if getattr(args, name) < 1:
@@ -761,6 +787,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    # With a small iteration cap every layer would warn that its eigenvalue did not
+    # converge; the allocation here uses the traces only.
+    logging.getLogger("quantized_inference_node.hawq.hessian").setLevel(logging.ERROR)
     torch.manual_seed(0)
     model_path = detection_model_path()
     float_model = onnx.load(str(model_path))
@@ -794,9 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         largest = max(inputs.values(), key=lambda x: x.size)
         latencies = median_latencies(sessions, largest, args.repeats)
 
-    body = format_report(
-        evaluation, int8_runs, hawq, latencies, largest.shape, float_model, args
-    )
+    body = format_report(evaluation, int8_runs, hawq, latencies, largest.shape, hawq.model, args)
     print(body)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of the process: {peak_mib:.0f} MiB")

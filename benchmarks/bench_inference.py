@@ -6,9 +6,9 @@ of the rapidocr-onnxruntime wheel), in one process:
     int8 weights, uint8 activations, MinMax calibration on scikit-image's pictures),
     after upgrading the model to opset 13 because per-channel DequantizeLinear needs it;
   - builds a second INT8 model with only the Conv nodes quantized;
-  - times FP32, both INT8 models and, when given with --hawq, the HAWQ tool's output, interleaved
-    image by image so machine load hits all variants alike; reports p50 and p90 and
-    the ratio to FP32;
+  - times FP32, both INT8 models and, when given with --hawq, the HAWQ tool's output.
+    The runs are interleaved image by image, so machine load hits all variants alike,
+    and the table gives p50, p90 and the ratio to FP32;
   - counts the operators of each graph after ONNX Runtime's optimizations (QLinearConv
     against Conv between DequantizeLinear and QuantizeLinear) and profiles the time per
     operator type, which shows what keeps a quantized model from being faster;
@@ -152,8 +152,8 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """Move Constant nodes into graph initializers.
 
     The quantizer quantizes initializers as weights (int8, once, offline) but treats a
-    Constant node's output as an activation, quantized at run time; PaddlePaddle's
-    exports keep every weight in a Constant node.
+    Constant node's output as an activation, quantized at run time. The PP-OCR models of
+    rapidocr-onnxruntime 1.4.4 have no initializers: every weight is a Constant node.
     """
     kept = []
     for node in model.graph.node:
@@ -371,7 +371,7 @@ def recommendation(model_name: str, speedups: dict[str, float], fidelities: dict
         )
     best = max(fast, key=lambda label: fidelities[label].score)
     return (
-        f"- Of the variants at {TARGET_SPEEDUP}× or more in this run, {best} agrees best with FP32 "
+        f"- Of the variants at {TARGET_SPEEDUP}× or more in this run, the closest to FP32 is {best} "
         f"(worst-case score {fidelities[best].score:.2f}, where 1 is identical); check that score "
         "against the application's tolerance before serving it."
     )
@@ -592,7 +592,7 @@ def main() -> int:
     parser.add_argument("--skip-node", action="store_true", help="skip the end-to-end test through the node")
     args = parser.parse_args()
 
-    # ONNX Runtime warns once per unused initializer of the PaddlePaddle exports.
+    # ONNX Runtime warns about every unused initializer of the converted PP-OCR models.
     ort.set_default_logger_severity(3)
     models = [m for m in models_under_test() if not args.models or m.name in args.models]
     hawq_paths: dict[str, Path] = {}

@@ -5,21 +5,21 @@ MultiThreadedExecutor of three threads, like ``surfel_mapping_node.node.main``. 
 process preloads the frames as messages and publishes image, depth, camera_info and
 the true camera pose on a fixed 30 Hz schedule, each stamped with the wall clock when
 it is sent. It measures:
-  - frames published, fused by the node, and dropped, by reason (the node's counters,
-    written by the node process when it stops);
+  - frames published, fused by the node, and dropped, by reason: the node's
+    counters(), which a probe node in the node's process serves over a service;
   - latency from an image's stamp to the receipt of the first ``~/keyframe_path`` that
     lists it. The node publishes that path together with ``~/map`` from the map it
     has at that moment, so this is the delay until the map update that holds the frame.
     Only keyframes appear in the path, so the latency is sampled at keyframes;
-  - the node's resident memory (VmRSS from /proc), sampled every 0.1 s;
+  - the node process's resident memory (VmRSS) and CPU time, from /proc every 0.1 s;
   - the offline SurfelMapper's time per frame on the same frames, in the same run.
 
 Results go to docs/benchmarks.md (section "node_throughput").
 
   python -m benchmarks.bench_node_throughput [--data ../shared/data] [--seconds 10] [--rate 30]
 
-The node process is this module run as ``python -m benchmarks.bench_node_throughput
-serve-node --result-json PATH [--warm-up DIR] --ros-args ...``.
+The node process is this module run as
+``python -m benchmarks.bench_node_throughput serve-node --ros-args ...``.
 """
 
 from __future__ import annotations
@@ -47,6 +47,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 SEVEN_SCENES_FOLDER = "7scenes_redkitchen"
 NODE_NAME = "surfel_mapping_node"
+# The node process's second node, which serves the node's counters.
+PROBE_NODE_NAME = "node_throughput_probe"
+# Longest wait for the fate of a frame sent before the measured ones, s.
+PRIME_PERIOD_S = 2.0
+# A counters answer slower than this means the node's executor was blocked, s.
+PROMPT_ANSWER_S = 0.25
 CAMERA_FRAME = "camera_color_optical_frame"
 # Frame-level drop reasons of the node's counters: each loses one matched frame. The
 # other reasons count messages (depth, pose, camera_info, keyframe path).
@@ -60,7 +66,8 @@ FRAME_DROP_REASONS = (
 # A bad image message loses its frame before it reaches the synchronizer.
 IMAGE_MESSAGE_DROP_REASON = "bad_image_message"
 SAMPLE_PERIOD_S = 0.1
-# How long the node has to start (numba kernels compile in the warm-up unless cached).
+# How long the node has to start and fuse its first frame (numba kernels compile
+# then unless they are cached).
 NODE_START_TIMEOUT_S = 300.0
 NODE_STOP_TIMEOUT_S = 30.0
 
@@ -163,13 +170,17 @@ class ThroughputResult:
     published: int
     # Wall-clock stamps of the published frames, in order.
     published_stamps_ns: list[int]
+    # Stamps of the first frame sent before them, until the node had fused one.
+    priming_stamps_ns: list[int]
     publish_duration_s: float
     # The publisher's lateness against its 30 Hz schedule, s (worst frame).
     publish_max_lateness_s: float
     # Bytes of one frame's image and depth data.
     frame_bytes: int
-    # The node's counters() at shutdown.
+    # The node's counters() over the published frames (what the priming frames added is
+    # subtracted), and as they were at the end.
     counters: dict[str, Any]
+    final_counters: dict[str, Any]
     maps: list[MapReceipt]
     paths: list[PathReceipt]
     # Surfels in the PLY that ~/save_map wrote after the node had gone idle.
@@ -234,11 +245,14 @@ class ThroughputResult:
         return self.published - self.fused - self.dropped
 
     def keyframe_latencies_s(self) -> dict[int, float]:
-        """Image stamp -> seconds until the first received ``~/keyframe_path`` that lists it."""
+        """Image stamp -> seconds until the first received ``~/keyframe_path`` that lists
+        it, for the keyframes among the published frames."""
+        published = set(self.published_stamps_ns)
         first_seen: dict[int, int] = {}
         for receipt in self.paths:
             for stamp_ns in receipt.keyframe_stamps_ns:
-                first_seen.setdefault(stamp_ns, receipt.received_ns)
+                if stamp_ns in published:
+                    first_seen.setdefault(stamp_ns, receipt.received_ns)
         return {stamp_ns: (received_ns - stamp_ns) / 1e9 for stamp_ns, received_ns in first_seen.items()}
 
     def map_transport_latencies_s(self) -> list[float]:
@@ -344,18 +358,10 @@ def _ros_value(value: Any) -> str:
 
 
 def start_node_process(
-    namespace: str,
-    parameters: dict[str, Any],
-    result_json: Path,
-    log_path: Path,
-    environment: dict[str, str],
-    warm_up_dir: Path | None,
+    namespace: str, parameters: dict[str, Any], log_path: Path, environment: dict[str, str]
 ) -> subprocess.Popen:
     """Start the node in its own process, in NAMESPACE, writing its output to LOG_PATH."""
     command = [sys.executable, "-m", "benchmarks.bench_node_throughput", "serve-node"]
-    command += ["--result-json", str(result_json)]
-    if warm_up_dir is not None:
-        command += ["--warm-up", str(warm_up_dir)]
     command += ["--ros-args", "-r", f"__ns:={namespace}"]
     for name, value in parameters.items():
         command += ["-p", f"{name}:={_ros_value(value)}"]
@@ -365,65 +371,49 @@ def start_node_process(
         return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def serve_node(argv: list[str]) -> int:
-    """Entry of the node process: warm up the mapper, run the node until SIGINT, write its counters.
+def serve_node(ros_args: list[str]) -> int:
+    """Entry of the node process: run the node until SIGINT, as surfel_mapping_node.node.main does.
 
-    The numba kernels load (or compile) in the warm-up, before the node subscribes,
-    so the first published frame meets a warm mapper as in a long-running node.
+    Beside it, a probe node answers the service ``node_throughput_probe/counters``
+    (std_srvs/Trigger) with the node's counters() as JSON, so the benchmark can read
+    them while the node runs. The node publishes no statistics of its own.
     """
-    if "--ros-args" in argv:
-        split = argv.index("--ros-args")
-        own, ros_args = argv[:split], argv[split:]
-    else:
-        own, ros_args = argv, []
-    parser = argparse.ArgumentParser(prog="serve-node")
-    parser.add_argument("--result-json", type=Path, required=True)
-    parser.add_argument(
-        "--warm-up", type=Path, default=None, help="7-Scenes folder; its first frames warm up"
-    )
-    args = parser.parse_args(own)
-
-    if args.warm_up is not None:
-        _warm_up_mapper(args.warm_up)
-
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.logging import get_logger
     from rclpy.signals import SignalHandlerOptions
+    from std_srvs.srv import Trigger
 
-    from surfel_mapping_node.node import SurfelMappingNode
+    from surfel_mapping_node.node import NodeParameterError, SurfelMappingNode
 
     rclpy.init(args=["serve-node", *ros_args], signal_handler_options=SignalHandlerOptions.NO)
-    node = SurfelMappingNode()
+    try:
+        node = SurfelMappingNode()
+    except NodeParameterError as error:
+        get_logger(NODE_NAME).fatal(f"not starting: {error}")
+        rclpy.try_shutdown()
+        return 2
+
+    def answer_counters(request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        response.success, response.message = True, json.dumps(node.counters())
+        return response
+
+    probe = rclpy.create_node(PROBE_NODE_NAME)
+    probe.create_service(Trigger, f"{PROBE_NODE_NAME}/counters", answer_counters)
     # The executor of surfel_mapping_node.node.main.
     executor = MultiThreadedExecutor(num_threads=3)
     executor.add_node(node)
+    executor.add_node(probe)
     try:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        args.result_json.write_text(json.dumps({"counters": node.counters()}))
         executor.shutdown()
+        probe.destroy_node()
         node.destroy_node()
         rclpy.try_shutdown()
     return 0
-
-
-def _warm_up_mapper(seven_scenes_dir: Path) -> None:
-    from surfel_mapping_node.config import MapperConfig
-    from surfel_mapping_node.datasets.seven_scenes import SevenScenesDataset
-    from surfel_mapping_node.depth import decode_depth
-    from surfel_mapping_node.mapper import SurfelMapper
-
-    dataset = SevenScenesDataset(seven_scenes_dir)
-    config = MapperConfig()
-    mapper = SurfelMapper(config, dataset.camera)
-    for index in range(2):
-        frame = dataset[index]
-        depth_m = decode_depth(
-            frame.depth_raw, frame.depth_scale, config.depth.min_depth_m, config.depth.max_depth_m
-        )
-        mapper.integrate(frame.image, depth_m, frame.T_world_camera, frame.stamp_ns)
 
 
 class ProcessSample(NamedTuple):
@@ -479,17 +469,19 @@ def run_throughput(
     messages: list[FrameMessages],
     config: ThroughputConfig,
     work_dir: Path,
-    warm_up_dir: Path | None = None,
     domain_id: int | None = None,
 ) -> ThroughputResult:
     """Start the node, publish MESSAGES on the config's schedule, and measure what it does.
 
+    Before the measured frames, the first frame is sent, one at a time, until the node
+    has fused one. That proves every input reaches it (a DDS reader may match its
+    writer seconds after the writer matched the reader, and drops what came before)
+    and loads its numba kernels. The counters of the result cover the measured frames.
+
     Args:
         messages: config.frame_count frames, from load_frame_messages.
         config: duration, rates and the node's queue and QoS parameters.
-        work_dir: folder for the node's log, its counters and the saved map.
-        warm_up_dir: a 7-Scenes folder whose first frames warm up the node's mapper
-            before it subscribes (None: the first frames published warm it up).
+        work_dir: folder for the node's log and the saved map.
         domain_id: ROS domain; by default 1 + pid % 100. The node's topics are also
             put in a namespace named after this process, so runs on one domain do
             not see each other.
@@ -497,8 +489,8 @@ def run_throughput(
     Raises:
         ValueError: fewer messages than config.frame_count.
         ImportError: rclpy or a message package is missing.
-        NodeRunError: the node did not subscribe in time, did not answer ~/save_map,
-            or did not stop on SIGINT.
+        NodeRunError: the node did not start, fuse the first frame, answer a service
+            or go idle in time.
     """
     if len(messages) < config.frame_count:
         raise ValueError(
@@ -513,25 +505,23 @@ def run_throughput(
 
     namespace = f"/node_throughput_{os.getpid()}"
     work_dir.mkdir(parents=True, exist_ok=True)
-    result_json = work_dir / "node_counters.json"
-    result_json.unlink(missing_ok=True)
     log_path = work_dir / "node.log"
     save_path = work_dir / "map.ply"
 
     # Step 1: the node process, sampled from now on.
     started = time.monotonic()
-    process = start_node_process(
-        namespace, node_parameters(config, save_path), result_json, log_path, environment, warm_up_dir
-    )
+    process = start_node_process(namespace, node_parameters(config, save_path), log_path, environment)
     sampler = _ProcessSampler(process.pid, started)
     sampler.start()
 
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=domain_id)
-    client = _Client(rclpy, context, namespace, config)
+    client = _Client(rclpy, context, namespace, config, process, log_path)
     try:
-        # Step 2: wait until the node subscribed to every input, then let it idle.
-        client.wait_for_node(process, log_path)
+        # Step 2: the node subscribed, fused the first frame, and went idle.
+        client.wait_for_node()
+        priming_stamps_ns = client.prime(messages[0])
+        baseline = client.wait_until_idle()
         subscribed_s = time.monotonic() - started
         time.sleep(config.idle_s)
 
@@ -541,9 +531,9 @@ def run_throughput(
         publish_end_s = time.monotonic() - started
 
         # Step 4: let the node finish its last frame and publish the map, then save it.
-        client.wait_until_quiet(quiet_s=2.0 / config.publish_rate_hz + 2.0, timeout_s=120.0)
+        final = client.wait_until_idle()
         quiet_s = time.monotonic() - started
-        saved_surfels = client.save_map(process, log_path)
+        saved_surfels = client.save_map()
     finally:
         exit_code = _stop_node(process)
         sampler.stop_event.set()
@@ -551,20 +541,16 @@ def run_throughput(
         client.close()
         rclpy.shutdown(context=context)
 
-    node_log = log_path.read_text(errors="replace") if log_path.exists() else ""
-    if not result_json.exists():
-        raise NodeRunError(
-            f"the node process wrote no counters (exit code {exit_code}):\n{_log_tail(log_path)}"
-        )
-    counters = json.loads(result_json.read_text())["counters"]
     return ThroughputResult(
         config=config,
         published=len(stamps_ns),
         published_stamps_ns=stamps_ns,
+        priming_stamps_ns=priming_stamps_ns,
         publish_duration_s=publish_end_s - publish_start_s,
         publish_max_lateness_s=lateness_s,
         frame_bytes=len(messages[0].image.data) + len(messages[0].depth.data),
-        counters=counters,
+        counters=counters_difference(final, baseline),
+        final_counters=final,
         maps=list(client.maps),
         paths=list(client.paths),
         saved_surfels=saved_surfels,
@@ -574,8 +560,31 @@ def run_throughput(
         publish_end_s=publish_end_s,
         quiet_s=quiet_s,
         node_exit_code=exit_code,
-        node_log=node_log,
+        node_log=log_path.read_text(errors="replace") if log_path.exists() else "",
     )
+
+
+def _frames_seen(counters: dict[str, Any]) -> int:
+    """Return the image messages the node's synchronizer matched or dropped."""
+    dropped = sum(by_stream.get("image", 0) for by_stream in counters["sync_dropped"].values())
+    return counters["sync_matched"] + dropped
+
+
+def counters_difference(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """Return AFTER − BEFORE for every count of the node's counters (nested dicts included).
+
+    Entries that are not counts (flags, stamps) keep their AFTER value.
+    """
+    difference: dict[str, Any] = {}
+    for key, value in after.items():
+        previous = before.get(key)
+        if isinstance(value, dict):
+            difference[key] = counters_difference(value, previous if isinstance(previous, dict) else {})
+        elif isinstance(value, int) and not isinstance(value, bool) and not key.endswith("_ns"):
+            difference[key] = value - (previous if isinstance(previous, int) else 0)
+        else:
+            difference[key] = value
+    return difference
 
 
 def _stop_node(process: subprocess.Popen) -> int | None:
@@ -595,7 +604,15 @@ def _stop_node(process: subprocess.Popen) -> int | None:
 class _Client:
     """This process's side of the run: publishers of the inputs, subscribers of the outputs."""
 
-    def __init__(self, rclpy: Any, context: Any, namespace: str, config: ThroughputConfig) -> None:
+    def __init__(
+        self,
+        rclpy: Any,
+        context: Any,
+        namespace: str,
+        config: ThroughputConfig,
+        process: subprocess.Popen,
+        log_path: Path,
+    ) -> None:
         from geometry_msgs.msg import PoseStamped
         from nav_msgs.msg import Path as PathMsg
         from rclpy.executors import SingleThreadedExecutor
@@ -603,8 +620,10 @@ class _Client:
         from sensor_msgs.msg import CameraInfo, Image, PointCloud2
         from std_srvs.srv import Trigger
 
-        self._rclpy = rclpy
         self._trigger = Trigger
+        self._process = process
+        self._log_path = log_path
+        self._publish_rate_hz = config.publish_rate_hz
         self.node = rclpy.create_node("node_throughput_client", namespace=namespace, context=context)
         # Reliable publishers match both of the node's image QoS choices; deep enough
         # that this side never discards a frame the node could still take.
@@ -629,6 +648,7 @@ class _Client:
         self.node.create_subscription(PointCloud2, f"{NODE_NAME}/map", self._on_map, outputs)
         self.node.create_subscription(PathMsg, f"{NODE_NAME}/keyframe_path", self._on_path, outputs)
         self.save_client = self.node.create_client(Trigger, f"{NODE_NAME}/save_map")
+        self.counters_client = self.node.create_client(Trigger, f"{PROBE_NODE_NAME}/counters")
 
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
@@ -646,8 +666,12 @@ class _Client:
         stamps = [stamp_to_ns(pose.header.stamp) for pose in msg.poses]
         self.paths.append(PathReceipt(time.time_ns(), stamps))
 
-    def wait_for_node(self, process: subprocess.Popen, log_path: Path) -> None:
-        """Wait until the node subscribed to every input and offers ~/map.
+    def _fail(self, what: str) -> NodeRunError:
+        state = "running" if self._process.poll() is None else f"exited with code {self._process.returncode}"
+        return NodeRunError(f"{what} (node process {state}); its log ends:\n{_log_tail(self._log_path)}")
+
+    def wait_for_node(self) -> None:
+        """Wait until the node subscribed to every input and its counters service answers.
 
         Raises:
             NodeRunError: the node process exited or took longer than NODE_START_TIMEOUT_S.
@@ -655,18 +679,107 @@ class _Client:
         publishers = (self.image_pub, self.depth_pub, self.info_pub, self.pose_pub)
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
         while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise NodeRunError(
-                    f"the node process exited with code {process.returncode} before subscribing:\n"
-                    f"{_log_tail(log_path)}"
+            if self._process.poll() is not None:
+                raise self._fail(
+                    f"the node process exited with code {self._process.returncode} before subscribing"
                 )
-            subscribed = all(p.get_subscription_count() > 0 for p in publishers)
-            if subscribed and self.node.count_publishers(f"{self.node.get_namespace()}/{NODE_NAME}/map") > 0:
+            if (
+                all(p.get_subscription_count() > 0 for p in publishers)
+                and self.counters_client.service_is_ready()
+            ):
                 return
             time.sleep(0.05)
-        raise NodeRunError(
-            f"the node did not subscribe within {NODE_START_TIMEOUT_S:.0f} s:\n{_log_tail(log_path)}"
+        raise self._fail(f"the node did not subscribe within {NODE_START_TIMEOUT_S:.0f} s")
+
+    def _call(self, client: Any, timeout_s: float) -> Any:
+        future = client.call_async(self._trigger.Request())
+        deadline = time.monotonic() + timeout_s
+        while not future.done() and time.monotonic() < deadline and self._process.poll() is None:
+            time.sleep(0.02)
+        if not future.done():
+            raise self._fail(f"{client.srv_name} did not answer within {timeout_s:.0f} s")
+        return future.result()
+
+    def counters(self) -> dict[str, Any]:
+        """Return the node's counters() now."""
+        return json.loads(self._call(self.counters_client, 30.0).message)
+
+    def prime(self, frame: FrameMessages) -> list[int]:
+        """Send FRAME until the node has fused one; return the stamps sent.
+
+        A frame goes out only when the previous one was matched or dropped by the
+        synchronizer, or after PRIME_PERIOD_S (a frame sent before the node's reader
+        had matched this writer never arrives), so at most one is in flight.
+
+        Raises:
+            NodeRunError: no frame fused within NODE_START_TIMEOUT_S.
+        """
+        stamps_ns = []
+        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            before = _frames_seen(self.counters())
+            stamps_ns.append(self._send(frame))
+            sent = time.monotonic()
+            while True:
+                counters = self.counters()
+                if counters["frames_processed"] > 0:
+                    return stamps_ns
+                if _frames_seen(counters) > before or time.monotonic() - sent > PRIME_PERIOD_S:
+                    break
+                time.sleep(0.05)
+        raise self._fail(
+            f"the node fused none of {len(stamps_ns)} frames sent over {NODE_START_TIMEOUT_S:.0f} s"
         )
+
+    def wait_until_idle(self, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Wait until the node has handled every matched frame, its counters stopped
+        changing and its last map publication arrived here; return its counters.
+
+        The counters must stay the same over at least steady_s and three answers that
+        each came within PROMPT_ANSWER_S: a slow answer means the node's executor was
+        blocked, and messages may still wait in its DDS queues.
+
+        Raises:
+            NodeRunError: not idle within TIMEOUT_S.
+        """
+        steady_s = max(1.0, 2.0 / self._publish_rate_hz)
+        deadline = time.monotonic() + timeout_s
+        previous, steady_since, prompt_answers = None, time.monotonic(), 0
+        while time.monotonic() < deadline:
+            asked = time.monotonic()
+            counters = self.counters()
+            prompt = time.monotonic() - asked <= PROMPT_ANSWER_S
+            if counters != previous or not prompt:
+                previous, steady_since, prompt_answers = counters, time.monotonic(), 0
+            else:
+                prompt_answers += 1
+                steady = time.monotonic() - steady_since >= steady_s and prompt_answers >= 3
+                if steady and self._is_idle(counters):
+                    return counters
+            time.sleep(0.2)
+        raise self._fail(f"the node did not go idle within {timeout_s:.0f} s: {previous}")
+
+    def _is_idle(self, counters: dict[str, Any]) -> bool:
+        handled = (
+            counters["frames_processed"]
+            + counters["frames_skipped_busy"]
+            + sum(counters["dropped"].get(reason, 0) for reason in FRAME_DROP_REASONS)
+        )
+        last_map_here = bool(self.maps) and self.maps[-1].stamp_ns == counters["last_publish_stamp_ns"]
+        return handled == counters["sync_matched"] and counters["map_published"] and last_map_here
+
+    def _send(self, frame: FrameMessages) -> int:
+        from surfel_mapping_node.ros_conversions import ns_to_stamp
+
+        stamp_ns = time.time_ns()
+        stamp = ns_to_stamp(stamp_ns)
+        for msg in (frame.camera_info, frame.image, frame.depth, frame.pose):
+            msg.header.stamp = stamp
+        self.info_pub.publish(frame.camera_info)
+        self.image_pub.publish(frame.image)
+        self.depth_pub.publish(frame.depth)
+        self.pose_pub.publish(frame.pose)
+        return stamp_ns
 
     def publish(self, messages: list[FrameMessages], rate_hz: float) -> tuple[list[int], float]:
         """Publish one frame per period on an absolute schedule; return the stamps and the worst lateness, s.
@@ -674,8 +787,6 @@ class _Client:
         Each frame is stamped with the wall clock when it is sent, as a driver would
         stamp it at capture, so stamps compare with receipt times in other processes.
         """
-        from surfel_mapping_node.ros_conversions import ns_to_stamp
-
         period_s = 1.0 / rate_hz
         start = time.monotonic() + period_s
         stamps_ns = []
@@ -686,32 +797,10 @@ class _Client:
             if remaining > 0:
                 time.sleep(remaining)
             worst_lateness_s = max(worst_lateness_s, time.monotonic() - due)
-
-            stamp_ns = time.time_ns()
-            stamp = ns_to_stamp(stamp_ns)
-            for msg in (frame.camera_info, frame.image, frame.depth, frame.pose):
-                msg.header.stamp = stamp
-            self.info_pub.publish(frame.camera_info)
-            self.image_pub.publish(frame.image)
-            self.depth_pub.publish(frame.depth)
-            self.pose_pub.publish(frame.pose)
-            stamps_ns.append(stamp_ns)
+            stamps_ns.append(self._send(frame))
         return stamps_ns, worst_lateness_s
 
-    def wait_until_quiet(self, quiet_s: float, timeout_s: float) -> None:
-        """Wait until no ~/map arrived for QUIET_S (the node has published its last frame)."""
-        deadline = time.monotonic() + timeout_s
-        quiet_since = time.monotonic()
-        seen = len(self.maps)
-        while time.monotonic() < deadline:
-            if len(self.maps) != seen:
-                seen, quiet_since = len(self.maps), time.monotonic()
-            elif time.monotonic() - quiet_since >= quiet_s:
-                return
-            time.sleep(0.05)
-        logger.warning("the node still published maps %.0f s after the last frame", timeout_s)
-
-    def save_map(self, process: subprocess.Popen, log_path: Path) -> int | None:
+    def save_map(self) -> int | None:
         """Call ~/save_map; return the number of surfels in the written PLY (None if it failed).
 
         Raises:
@@ -719,15 +808,7 @@ class _Client:
         """
         from surfel_mapping_node.ply_io import read_surfel_ply
 
-        if not self.save_client.wait_for_service(timeout_sec=30.0):
-            raise NodeRunError(f"~/save_map is not offered:\n{_log_tail(log_path)}")
-        future = self.save_client.call_async(self._trigger.Request())
-        deadline = time.monotonic() + 60.0
-        while not future.done() and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.05)
-        if not future.done():
-            raise NodeRunError(f"~/save_map did not answer:\n{_log_tail(log_path)}")
-        response = future.result()
+        response = self._call(self.save_client, 60.0)
         if not response.success:
             logger.error("~/save_map failed: %s", response.message)
             return None
@@ -867,8 +948,9 @@ def report_markdown(results: list[ThroughputResult], offline: OfflineTiming | No
         f"The node runs in its own process (rclpy, Fast DDS, loopback only) and gets {results[0].published} "
         f"real 7-Scenes frames (640×480 rgb8, 16UC1 depth in mm, camera_info and the true PoseStamped, "
         f"preloaded) at {first.rate_hz:g} Hz for {first.seconds:g} s, each stamped with the wall clock when "
-        f"sent; publish_rate={first.publish_rate_hz:g} Hz, other parameters at their defaults. Its mapper "
-        "was warmed up on two frames before it subscribed; one run per column, one after the other.",
+        f"sent; publish_rate={first.publish_rate_hz:g} Hz, other parameters at their defaults. Before them "
+        "the first frame was sent, one at a time, until the node had fused one (so its inputs are matched "
+        "and its kernels loaded); the counts below leave those out. One run per column, one after the other.",
         "",
         *table,
         "",
@@ -959,7 +1041,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running the node ({config.image_qos}) for {config.seconds:g} s at {config.rate_hz:g} Hz ...")
         with tempfile.TemporaryDirectory(prefix="node_throughput_") as work_dir:
             try:
-                results.append(run_throughput(messages, config, Path(work_dir), warm_up_dir=seven_scenes_dir))
+                results.append(run_throughput(messages, config, Path(work_dir)))
             except NodeRunError as error:
                 print(f"error: {error}", file=sys.stderr)
                 return 1

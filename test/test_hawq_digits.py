@@ -1,29 +1,61 @@
 """HAWQ on the digits CNN (test/data/digits_cnn.onnx, made by benchmarks/train_digits_cnn.py).
 
-Checks the accuracy claims on scikit-learn's digits test split (540 images): at
-1/6 of the FP32 weight size HAWQ stays within 1 point of FP32, and at the size of
-uniform 4-bit weights it beats random allocations (mean over 5 seeds) in accuracy
-and in agreement with FP32, and agrees with FP32 at least as often as uniform 4-bit.
+Checks the accuracy claims on scikit-learn's digits test split (540 images),
+each model run by onnxruntime from its exported QDQ file, as means over 5 seeds
+(each seed draws its own calibration images, Hessian probes and random
+allocation; uniform configurations are exported with every seed's activation
+ranges too):
+
+- at 1/6 of the FP32 weight size HAWQ stays within 1 point of FP32;
+- at the uniform 2-bit size every layer must take 2 bits, so HAWQ is uniform 2-bit;
+- at the uniform 3-bit size (3/32 of FP32) HAWQ with 2/4/8-bit layers beats
+  uniform 3-bit and random 2/4/8 allocations in accuracy and agreement with FP32;
+- at the uniform 4-bit size HAWQ beats random allocations, and ties uniform
+  4-bit, which is lossless on this model.
+
+The Hessian analysis runs once per seed and serves every budget.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
-from quantized_inference_node.hawq.api import QuantizeOptions, analyze, choose_bits, export_configuration
-from quantized_inference_node.hawq.bit_allocation import allocate_bits, weight_size_bytes
+from quantized_inference_node.hawq.api import Analysis, QuantizeOptions, analyze, choose_bits, export_configuration
+from quantized_inference_node.hawq.bit_allocation import weight_size_bytes
 from quantized_inference_node.hawq.hessian import HessianSettings
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "test" / "data" / "digits_cnn.onnx"
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from train_digits_cnn import load_digits_split  # noqa: E402
+from bench_hawq_digits import calibration_subset, random_allocation  # noqa: E402
+from train_digits_cnn import DigitsSplit, load_digits_split  # noqa: E402
+
+SEEDS = range(5)
+HAWQ_BITS = (2, 4, 8)
+ONE_IMAGE = 1 / 540  # one test image, in accuracy units
+
+
+class Scores(NamedTuple):
+    """Test-split accuracy and top-1 agreement with FP32, as fractions."""
+
+    accuracy: float
+    agreement: float
+
+
+class Setup(NamedTuple):
+    split: DigitsSplit
+    reference: np.ndarray
+    analyses: list[Analysis]
 
 
 def logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -32,47 +64,121 @@ def logits(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup() -> Setup:
     split = load_digits_split()
-    options = QuantizeOptions(
-        batch_size=64, max_batches=3, hessian=HessianSettings(max_iterations=20, probes=8, seed=0)
+    analyses = []
+    for seed in SEEDS:
+        calib = calibration_subset(split, seed, 256)
+        options = QuantizeOptions(
+            bits=HAWQ_BITS,
+            batch_size=64,
+            max_batches=4,
+            seed=seed,
+            hessian=HessianSettings(max_iterations=20, probes=16, seed=seed),
+        )
+        analyses.append(analyze(MODEL, calib.x, calib.y, options))
+    return Setup(split, logits(MODEL, split.x_test), analyses)
+
+
+def evaluate(setup: Setup, seed: int, bits: Sequence[int], folder: Path) -> Scores:
+    """Export BITS with seed's activation ranges and score the file in onnxruntime."""
+    path = folder / f"s{seed}_{''.join(map(str, bits))}.onnx"
+    export_configuration(setup.analyses[seed], bits, path)
+    predicted = logits(path, setup.split.x_test).argmax(1)
+    return Scores(
+        float(np.mean(predicted == setup.split.y_test)),
+        float(np.mean(predicted == setup.reference.argmax(1))),
     )
-    analysis = analyze(MODEL, split.x_train, split.y_train, options)
-    return split, analysis, logits(MODEL, split.x_test)
 
 
-def test_scores(setup, tmp_path: Path) -> None:
-    split, analysis, reference = setup
-    fp32_accuracy = np.mean(reference.argmax(1) == split.y_test)
+def mean_scores(setup: Setup, configs: Sequence[Sequence[int]], folder: Path) -> Scores:
+    """Mean accuracy and agreement over the seeds, seed i exporting configs[i]."""
+    runs = [evaluate(setup, seed, bits, folder) for seed, bits in zip(SEEDS, configs, strict=True)]
+    return Scores(*np.mean(runs, axis=0))
 
-    def evaluate(bits: list[int], name: str) -> tuple[float, float]:
-        path = tmp_path / f"{name}.onnx"
-        export_configuration(analysis, bits, path)
-        predicted = logits(path, split.x_test).argmax(1)
-        return float(np.mean(predicted == split.y_test)), float(np.mean(predicted == reference.argmax(1)))
 
-    # At 1/6 of the FP32 weight size: within 1 point of FP32 test accuracy.
-    sixth = choose_bits(analysis, QuantizeOptions(size_ratio=1 / 6))
-    assert sixth.size_bytes <= analysis.fp32_weight_bytes / 6
-    hawq_accuracy, _ = evaluate(sixth.bits, "hawq_sixth")
-    assert hawq_accuracy >= fp32_accuracy - 0.01
+def hawq_bits(setup: Setup, ratio: float) -> list[list[int]]:
+    return [choose_bits(a, QuantizeOptions(bits=HAWQ_BITS, size_ratio=ratio)).bits for a in setup.analyses]
 
-    # At the size of uniform 4-bit weights: HAWQ against uniform and random allocations.
+
+def random_bits(setup: Setup, ratio: float) -> list[list[int]]:
+    return [random_allocation(a, ratio, seed) for seed, a in zip(SEEDS, setup.analyses, strict=True)]
+
+
+def test_sixth_of_fp32_stays_within_one_point(setup: Setup, tmp_path: Path) -> None:
+    fp32_accuracy = float(np.mean(setup.reference.argmax(1) == setup.split.y_test))
+    analysis = setup.analyses[0]
+
+    configs = hawq_bits(setup, 1 / 6)
+    for bits in configs:
+        assert weight_size_bytes(analysis.num_params, bits) <= analysis.fp32_weight_bytes / 6
+    hawq = mean_scores(setup, configs, tmp_path)
+
+    # Measured: 99.07 % against FP32's 99.07 %.
+    assert hawq.accuracy >= fp32_accuracy - 0.01
+
+
+def test_two_bit_size_leaves_hawq_no_choice(setup: Setup) -> None:
+    # Every layer takes at least 2 bits, so at n * 2 / 8 bytes all-2 is the only configuration:
+    # HAWQ is uniform 2-bit there (measured 87.96 % accuracy, 88.52 % agreement), whatever the
+    # sensitivities. Its lead shows only at budgets that leave room to move bits.
+    layers = len(setup.analyses[0].num_params)
+    assert hawq_bits(setup, 2 / 32) == [[2] * layers for _ in SEEDS]
+
+
+def test_three_bit_size_beats_uniform_and_random(setup: Setup, tmp_path: Path) -> None:
+    analysis = setup.analyses[0]
     layers = len(analysis.num_params)
-    uniform_ratio = weight_size_bytes(analysis.num_params, [4] * layers) / analysis.fp32_weight_bytes
-    hawq = evaluate(choose_bits(analysis, QuantizeOptions(size_ratio=uniform_ratio)).bits, "hawq_w4")
-    uniform = evaluate([4] * layers, "uniform_w4")
-    random_scores = []
-    for seed in range(5):
-        rng = np.random.default_rng(seed)
-        omega = [{b: float(10 ** rng.uniform(-3, 3)) * 4.0**-b for b in (2, 4, 8)} for _ in range(layers)]
-        bits = allocate_bits(omega, analysis.num_params, uniform_ratio * analysis.fp32_weight_bytes).bits
-        random_scores.append(evaluate(bits, f"random_{seed}"))
-    random_mean = np.mean(random_scores, axis=0)
+    ratio = 3 / 32
+    uniform_bits = [3] * layers
+    np.testing.assert_allclose(
+        weight_size_bytes(analysis.num_params, uniform_bits), ratio * analysis.fp32_weight_bytes, rtol=1e-12
+    )
 
-    assert hawq[0] > random_mean[0]
-    assert hawq[1] > random_mean[1]
-    assert hawq[1] >= uniform[1]
+    uniform = mean_scores(setup, [uniform_bits] * len(SEEDS), tmp_path)
+    hawq = mean_scores(setup, hawq_bits(setup, ratio), tmp_path)
+    random = mean_scores(setup, random_bits(setup, ratio), tmp_path)
+
+    # Measured (means over the seeds): HAWQ 99.26 % accuracy, 99.63 % agreement (every seed picks
+    # [8, 4, 4, 2, 8]); uniform 3-bit 98.52 % and 99.26 %; random 98.30 % and 98.89 %.
+    # Margins: 2 test images in accuracy, 1 in agreement, about half the measured leads.
+    assert hawq.accuracy >= uniform.accuracy + 2 * ONE_IMAGE
+    assert hawq.agreement >= uniform.agreement + ONE_IMAGE
+    assert hawq.accuracy >= random.accuracy + 2 * ONE_IMAGE
+    assert hawq.agreement >= random.agreement + 2 * ONE_IMAGE
+
+
+def test_four_bit_size_beats_random_and_ties_uniform(setup: Setup, tmp_path: Path) -> None:
+    analysis = setup.analyses[0]
+    layers = len(analysis.num_params)
+    ratio = 4 / 32
+
+    uniform = mean_scores(setup, [[4] * layers] * len(SEEDS), tmp_path)
+    hawq = mean_scores(setup, hawq_bits(setup, ratio), tmp_path)
+    random = mean_scores(setup, random_bits(setup, ratio), tmp_path)
+
+    # Measured: HAWQ 99.44 % accuracy, 99.63 % agreement; uniform 4-bit 99.44 % and 99.44 %;
+    # random 98.56 % and 99.04 %.
+    assert hawq.accuracy > random.accuracy
+    assert hawq.agreement > random.agreement
+    assert hawq.agreement >= uniform.agreement
     # NOTE: uniform 4-bit is already lossless on digits, so HAWQ can only tie it in accuracy;
-    # one test image (0.19 points) either way is noise.
-    assert hawq[0] >= uniform[0] - 1 / len(split.y_test) - 1e-9
+    # one test image either way is noise.
+    assert hawq.accuracy >= uniform.accuracy - ONE_IMAGE - 1e-9
+
+
+def test_five_to_seven_bit_weights_keep_their_grid(setup: Setup, tmp_path: Path) -> None:
+    # 5- to 7-bit integers do not fit int4; each channel's largest weight maps to +-(2^(b-1) - 1).
+    analysis = setup.analyses[0]
+    bits = [5, 6, 7, 6, 5]
+    path = tmp_path / "wide.onnx"
+    export_configuration(analysis, bits, path)
+
+    stored = {init.name: numpy_helper.to_array(init) for init in onnx.load(path).graph.initializer}
+    for layer, b in zip(analysis.prepared.layers, bits, strict=True):
+        q = stored[f"{layer.weight}_quantized"].astype(np.int64)
+        axes = tuple(i for i in range(q.ndim) if i != layer.channel_axis)
+        np.testing.assert_array_equal(np.abs(q).max(axis=axes), 2 ** (b - 1) - 1)
+
+    # Measured: agreement 100 %; at least 539 of 540 test images as FP32.
+    assert evaluate(setup, 0, bits, tmp_path).agreement >= 1 - ONE_IMAGE - 1e-9

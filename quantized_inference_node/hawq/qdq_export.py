@@ -6,8 +6,8 @@ Layers are the converter's quantizable nodes (onnx_to_torch), so the analysed
 and the exported weights are the same tensors.
 
 - Weights: integer initializers with a per-channel DequantizeLinear (``axis``),
-  symmetric, zero point 0. 8-bit weights are int8; 4-bit weights are int4, packed
-  two to a byte (opset 21). 2-bit weights are also stored as int4, with values
+  symmetric, zero point 0. 5- to 8-bit weights are int8; 3- and 4-bit weights are
+  int4, packed two to a byte (opset 21). 2-bit weights are also stored as int4, with values
   restricted to {-1, 0, 1}: the smallest integer type onnxruntime's CPU provider
   dequantizes at opset 21 is int4, so a 2-bit layer takes half a byte per weight
   on disk although its information is 2 bits.
@@ -346,7 +346,8 @@ def build_qdq_model(
         w = numpy_helper.to_array(inits[layer.weight]).astype(np.float32)
         wq = quantize_weight_np(w, b, layer.channel_axis)
         q_name = f"{layer.weight}_quantized"
-        if b == 8:
+        # int4 holds -7..7, the narrow range of 4 bits and fewer; wider grids need int8.
+        if b > 4:
             q_init = numpy_helper.from_array(wq.q.astype(np.int8), q_name)
             zp_init = numpy_helper.from_array(np.zeros(len(wq.scale), np.int8), f"{layer.weight}_zero_point")
         else:
