@@ -140,9 +140,7 @@ def best_uniform(num_params: Sequence[int], budget_bytes: float) -> list[int]:
         candidates.append([8] + [b] * (layers - 2) + [8])
     fitting = [c for c in candidates if weight_size_bytes(num_params, c) <= budget_bytes * (1 + 1e-9)]
     if not fitting:
-        raise ValueError(
-            f"budget {budget_bytes:.0f} bytes is below every layer at 2 bits; raise the budget"
-        )
+        raise ValueError(f"budget {budget_bytes:.0f} bytes is below every layer at 2 bits; raise the budget")
     return max(fitting, key=lambda c: (weight_size_bytes(num_params, c), -len(set(c))))
 
 

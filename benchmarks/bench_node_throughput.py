@@ -50,9 +50,13 @@ NODE_NAME = "surfel_mapping_node"
 # The node process's second node, which serves the node's counters.
 PROBE_NODE_NAME = "node_throughput_probe"
 # Longest wait for the fate of a frame sent before the measured ones, s.
-PRIME_PERIOD_S = 2.0
+PRIME_PERIOD_S = 4.0
 # A counters answer slower than this means the node's executor was blocked, s.
 PROMPT_ANSWER_S = 0.25
+# The node counts as idle when its counters stayed the same this long, s: longer than
+# Fast DDS's default heartbeat period (3 s), after which a reliable writer resends
+# what a reader missed, so a repaired frame can arrive that late.
+IDLE_STEADY_S = 4.0
 CAMERA_FRAME = "camera_color_optical_frame"
 # Frame-level drop reasons of the node's counters: each loses one matched frame. The
 # other reasons count messages (depth, pose, camera_info, keyframe path).
@@ -136,6 +140,22 @@ class FrameMessages:
     pose: Any  # geometry_msgs/PoseStamped, camera-to-map
 
 
+class LoadedFrames(NamedTuple):
+    """Frames read for a run."""
+
+    messages: list[FrameMessages]
+    # The dataset frames (image, raw depth, pose), for the offline peer.
+    frames: list[Any]
+
+
+class PublishedFrames(NamedTuple):
+    """What the publisher sent."""
+
+    stamps_ns: list[int]
+    # The worst lateness against the schedule, s.
+    max_lateness_s: float
+
+
 @dataclass
 class OfflineTiming:
     """SurfelMapper.integrate (depth decoding included) per frame, without ROS."""
@@ -173,7 +193,7 @@ class ThroughputResult:
     # Stamps of the first frame sent before them, until the node had fused one.
     priming_stamps_ns: list[int]
     publish_duration_s: float
-    # The publisher's lateness against its 30 Hz schedule, s (worst frame).
+    # The publisher's lateness against its schedule, s (worst frame).
     publish_max_lateness_s: float
     # Bytes of one frame's image and depth data.
     frame_bytes: int
@@ -187,8 +207,8 @@ class ThroughputResult:
     saved_surfels: int | None
     # Memory and CPU of the node process, every SAMPLE_PERIOD_S.
     samples: list[ProcessSample]
-    # Seconds since the node process started: when it had subscribed, when publishing
-    # began and ended, and when no ~/map had come for a while after that.
+    # Seconds since the node process started: when it was idle after the priming frames,
+    # when publishing began and ended, and when the node was idle again.
     subscribed_s: float
     publish_start_s: float
     publish_end_s: float
@@ -240,8 +260,8 @@ class ThroughputResult:
 
     @property
     def unaccounted(self) -> int:
-        """Published frames the node neither fused nor counted: lost before the node's
-        callbacks (DDS), or still queued when it stopped."""
+        """Published frames the node neither fused nor counted: lost in DDS before the
+        node's callbacks saw them."""
         return self.published - self.fused - self.dropped
 
     def keyframe_latencies_s(self) -> dict[int, float]:
@@ -279,12 +299,8 @@ class ThroughputResult:
 # --- messages ------------------------------------------------------------------------
 
 
-def load_frame_messages(seven_scenes_dir: Path, first: int, count: int) -> tuple[list[FrameMessages], list]:
+def load_frame_messages(seven_scenes_dir: Path, first: int, count: int) -> LoadedFrames:
     """Read COUNT 7-Scenes frames from FIRST and build their messages.
-
-    Returns:
-        The messages per frame, and the dataset frames (image, raw depth, pose) for
-        the offline peer.
 
     Raises:
         FileNotFoundError: the folder or one of its files is missing.
@@ -324,7 +340,7 @@ def load_frame_messages(seven_scenes_dir: Path, first: int, count: int) -> tuple
                 pose=pose,
             )
         )
-    return messages, frames
+    return LoadedFrames(messages, frames)
 
 
 # --- the node process ----------------------------------------------------------------
@@ -424,8 +440,13 @@ class ProcessSample(NamedTuple):
     cpu_s: float  # user + system CPU time of all its threads so far
 
 
-def sample_process(pid: int) -> tuple[int, float] | None:
-    """Return (VmRSS bytes, CPU seconds) of process PID, or None when it has exited."""
+def sample_process(pid: int, t_s: float) -> ProcessSample | None:
+    """Return the memory and CPU time of process PID, or None when it has exited.
+
+    Args:
+        pid: the process.
+        t_s: the time to record in the sample, s.
+    """
     try:
         status = Path(f"/proc/{pid}/status").read_text()
         # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
@@ -436,7 +457,7 @@ def sample_process(pid: int) -> tuple[int, float] | None:
     if rss_kib is None:  # A zombie has no memory left.
         return None
     cpu_s = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-    return rss_kib * 1024, cpu_s
+    return ProcessSample(t_s, rss_kib * 1024, cpu_s)
 
 
 class _ProcessSampler(threading.Thread):
@@ -449,10 +470,10 @@ class _ProcessSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.wait(SAMPLE_PERIOD_S):
-            sample = sample_process(self.pid)
+            sample = sample_process(self.pid, time.monotonic() - self.started)
             if sample is None:
                 return
-            self.samples.append(ProcessSample(time.monotonic() - self.started, *sample))
+            self.samples.append(sample)
 
 
 def _log_tail(log_path: Path, lines: int = 40) -> str:
@@ -527,7 +548,7 @@ def run_throughput(
 
         # Step 3: publish on schedule.
         publish_start_s = time.monotonic() - started
-        stamps_ns, lateness_s = client.publish(messages[: config.frame_count], config.rate_hz)
+        sent = client.publish(messages[: config.frame_count], config.rate_hz)
         publish_end_s = time.monotonic() - started
 
         # Step 4: let the node finish its last frame and publish the map, then save it.
@@ -543,11 +564,11 @@ def run_throughput(
 
     return ThroughputResult(
         config=config,
-        published=len(stamps_ns),
-        published_stamps_ns=stamps_ns,
+        published=len(sent.stamps_ns),
+        published_stamps_ns=sent.stamps_ns,
         priming_stamps_ns=priming_stamps_ns,
         publish_duration_s=publish_end_s - publish_start_s,
-        publish_max_lateness_s=lateness_s,
+        publish_max_lateness_s=sent.max_lateness_s,
         frame_bytes=len(messages[0].image.data) + len(messages[0].depth.data),
         counters=counters_difference(final, baseline),
         final_counters=final,
@@ -735,14 +756,14 @@ class _Client:
         """Wait until the node has handled every matched frame, its counters stopped
         changing and its last map publication arrived here; return its counters.
 
-        The counters must stay the same over at least steady_s and three answers that
-        each came within PROMPT_ANSWER_S: a slow answer means the node's executor was
+        The counters must stay the same over IDLE_STEADY_S (or two publish periods) and
+        three answers that each came within PROMPT_ANSWER_S: a slow answer means the node's executor was
         blocked, and messages may still wait in its DDS queues.
 
         Raises:
             NodeRunError: not idle within TIMEOUT_S.
         """
-        steady_s = max(1.0, 2.0 / self._publish_rate_hz)
+        steady_s = max(IDLE_STEADY_S, 2.0 / self._publish_rate_hz)
         deadline = time.monotonic() + timeout_s
         previous, steady_since, prompt_answers = None, time.monotonic(), 0
         while time.monotonic() < deadline:
@@ -781,8 +802,8 @@ class _Client:
         self.pose_pub.publish(frame.pose)
         return stamp_ns
 
-    def publish(self, messages: list[FrameMessages], rate_hz: float) -> tuple[list[int], float]:
-        """Publish one frame per period on an absolute schedule; return the stamps and the worst lateness, s.
+    def publish(self, messages: list[FrameMessages], rate_hz: float) -> PublishedFrames:
+        """Publish one frame per period on an absolute schedule.
 
         Each frame is stamped with the wall clock when it is sent, as a driver would
         stamp it at capture, so stamps compare with receipt times in other processes.
@@ -798,7 +819,7 @@ class _Client:
                 time.sleep(remaining)
             worst_lateness_s = max(worst_lateness_s, time.monotonic() - due)
             stamps_ns.append(self._send(frame))
-        return stamps_ns, worst_lateness_s
+        return PublishedFrames(stamps_ns, worst_lateness_s)
 
     def save_map(self) -> int | None:
         """Call ~/save_map; return the number of surfels in the written PLY (None if it failed).

@@ -95,7 +95,7 @@ def command_run(args: argparse.Namespace) -> int:
 def command_demo(args: argparse.Namespace) -> int:
     """Map the synthetic room; then, if the 7-Scenes excerpt is present, the monocular demo in OUT/mono."""
     from surfel_mapping_node.config import MapperConfig, preset_for_format
-    from surfel_mapping_node.mono_demo import run_mono_demo
+    from surfel_mapping_node.mono_demo import VALIDATION_FRAMES, run_mono_demo
 
     args.first, args.stride, args.sequence = 0, 1, "00"
     config = MapperConfig.from_dict(preset_for_format("synthetic"))
@@ -103,8 +103,10 @@ def command_demo(args: argparse.Namespace) -> int:
     if status != 0:
         return status
 
-    # --data is optional so that parsers without it still run the demo.
-    outputs = run_mono_demo(getattr(args, "data", None), args.out / "mono")
+    # --data is optional so that parsers without it still run the demo. --max-frames
+    # also caps the monocular frames, so a short demo stays short.
+    mono_frames = VALIDATION_FRAMES[: args.max_frames]
+    outputs = run_mono_demo(getattr(args, "data", None), args.out / "mono", mono_frames)
     if outputs is None:
         print("monocular demo skipped: 7-Scenes excerpt not found (set --data or SURFEL_SHARED_DATA)")
         return 0

@@ -38,7 +38,7 @@ DEFAULT_MODEL = "pkg:quantized_inference_node/models/depth_7scenes/model_hawq.on
 SEVEN_SCENES_FOLDER = "7scenes_redkitchen"
 # Frames the packaged network was not trained on (it learned frames 0-239).
 VALIDATION_FRAMES = range(240, 300)
-# The excerpt's location relative to the project root, unless SURFEL_SHARED_DATA says otherwise.
+# The excerpt's location relative to the project root, unless SURFEL_SHARED_DATA sets another.
 DEFAULT_SHARED_DATA = Path("../shared/data")
 DOCS_PREVIEW_MAX_BYTES = 200_000
 PANEL_WIDTH_PX, PANEL_HEIGHT_PX = 640, 480
@@ -86,8 +86,16 @@ def mono_mapper_config() -> MapperConfig:
 
     The default 8-pixel superpixel grid would give only 10 x 8 superpixels per frame at
     that size; a 4-pixel grid gives 20 x 16, each with at least 4 pixels of depth.
+    config/mono_depth_mapping.yaml sets the same options for the ROS node.
     """
-    return MapperConfig.from_dict({"superpixels": {"grid_px": 4}, "surfels": {"min_pixels_with_depth": 4}})
+    return MapperConfig.from_dict(
+        {
+            "superpixels": {"grid_px": 4},
+            "surfels": {"min_pixels_with_depth": 4},
+            # The range of the depth the packaged network was trained on.
+            "depth": {"min_depth_m": 0.2, "max_depth_m": 6.0},
+        }
+    )
 
 
 def find_seven_scenes(data_dir: str | Path | None = None) -> Path | None:
@@ -193,7 +201,7 @@ def run_mono_comparison(
 
     mono_config = mono_mapper_config()
     depth_source = _AbsRelDepthSource(NetworkDepthSource.load(model_path, mono_config, card_path))
-    mono = run_pipeline(dataset, mono_config, indices, depth_source=depth_source)  # type: ignore[arg-type]
+    mono = run_pipeline(dataset, mono_config, indices, depth_source=depth_source)
     rgbd = run_pipeline(dataset, MapperConfig(), indices)
 
     mono_stages = mono.summary()["stages"]
@@ -213,9 +221,8 @@ def run_mono_comparison(
 def render_side_by_side(mono: SurfelCloud, rgbd: SurfelCloud, mono_label: str, rgbd_label: str) -> np.ndarray:
     """Return an RGB image of the two maps side by side, each with a caption above it.
 
-    NOTE: render_preview fits its view to each map, so the two panels share the view
-    direction rule but not an identical camera; a shared projection needs render_preview
-    to accept one.
+    NOTE: render_preview fits a view to each map, so the two panels may look from
+    different directions. A shared view needs render_preview to accept a projection.
     """
     from surfel_mapping_node.preview import render_preview
 

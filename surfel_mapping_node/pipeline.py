@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import cv2
 import numpy as np
@@ -45,6 +45,14 @@ class DepthEstimate:
     depth_m: np.ndarray
     # Intrinsics of depth_m: the frame's camera, or the camera scaled to a network's output.
     camera: PinholeCamera
+
+
+class DepthEstimator(Protocol):
+    """Anything that gives a frame's depth and its camera: DepthSource, NetworkDepthSource."""
+
+    def estimate(self, frame: Frame, stages_ms: dict[str, float]) -> DepthEstimate:
+        """Return the depth of FRAME; add each stage's milliseconds to STAGES_MS."""
+        ...
 
 
 @dataclass
@@ -239,7 +247,7 @@ def run_pipeline(
     config: MapperConfig,
     indices: range,
     on_frame: Callable[[FrameTiming], None] | None = None,
-    depth_source: DepthSource | NetworkDepthSource | None = None,
+    depth_source: DepthEstimator | None = None,
 ) -> PipelineResult:
     """Fuse the frames INDICES of DATASET into a new map and time every frame.
 

@@ -50,7 +50,7 @@ def run(seven_scenes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Thr
         publish_rate_hz=5.0,
         idle_s=0.5,
     )
-    messages, _ = load_frame_messages(seven_scenes_dir, 0, config.frame_count)
+    messages = load_frame_messages(seven_scenes_dir, 0, config.frame_count).messages
     work_dir = tmp_path_factory.mktemp("node_throughput")
     return run_throughput(messages, config, work_dir, domain_id=domain_id())
 
@@ -137,6 +137,6 @@ def test_too_few_messages_for_the_run_are_refused(tmp_path: Path):
 def test_node_that_refuses_its_parameters_raises(seven_scenes_dir: Path, tmp_path: Path):
     # The node allows publish_rate up to 100 Hz and exits with code 2 otherwise.
     config = ThroughputConfig(seconds=0.1, rate_hz=10.0, publish_rate_hz=1000.0)
-    messages, _ = load_frame_messages(seven_scenes_dir, 0, config.frame_count)
+    messages = load_frame_messages(seven_scenes_dir, 0, config.frame_count).messages
     with pytest.raises(NodeRunError, match="exited with code 2 before subscribing"):
         run_throughput(messages, config, tmp_path, domain_id=domain_id())
