@@ -13,8 +13,8 @@ model run by onnxruntime from its exported QDQ file:
   uniform baselines.
 
 Fairness: HAWQ, the uniform baselines and the random allocations meet the same
-nominal byte budget; nothing is pinned for any of them (HAWQ keeps the first and
-last layers at 8 bits only where its own sensitivities say so). HAWQ and random
+nominal byte budget, and nothing is pinned for any of them: HAWQ keeps the first
+and last layers at 8 bits only where its own sensitivities rank them highest. HAWQ and random
 choose among the same candidate widths, 2/4/8 bits (and, in a second table,
 2/3/4/8). Each of the 5 seeds draws its own 512-image calibration set from the
 training split, its own Hessian probes and start vectors, and its own random
@@ -110,9 +110,9 @@ def calibration_subset(split: DigitsSplit, seed: int, samples: int) -> Calibrati
 def random_allocation(analysis, budget_ratio: float, seed: int) -> list[int]:
     """Return the ILP's choice under the budget with random layer weights instead of Hessian traces.
 
-    The candidate widths are those of the analysis; each layer's weight is
-    log-uniform over six decades times 4^-b, so more bits always cost less
-    objective but the layers' order is random.
+    The candidate widths are those of the analysis. Each layer's weight is
+    log-uniform over six decades times 4^-b, so more bits always lower the
+    objective while the layers' order is random.
     """
     from quantized_inference_node.hawq.bit_allocation import allocate_bits
 
@@ -126,7 +126,7 @@ def best_uniform(num_params: Sequence[int], budget_bytes: float) -> list[int]:
     """Return the largest uniform configuration within the budget.
 
     Candidates are every layer at b bits, and b bits with the first and last
-    layers at 8, for b in 2..8; the largest that fits wins (all at b on a tie).
+    layers at 8, for b in 2..8. The largest that fits wins, and on a tie every layer at b.
 
     Raises:
         ValueError: when not even every layer at 2 bits fits.
@@ -162,14 +162,14 @@ def restrict_bits(analysis, bits: Sequence[int]):
 
 
 def spread(values: Sequence[float]) -> Spread:
-    """Mean, spread and range of VALUES."""
+    """Return the mean, standard deviation and range of VALUES."""
     array = np.asarray(values, dtype=np.float64)
     std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
     return Spread(float(array.mean()), std, float(array.min()), float(array.max()))
 
 
 def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
-    """Logits of an ONNX model on X (onnxruntime CPU)."""
+    """Return the logits of an ONNX model on X (onnxruntime CPU)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -177,7 +177,7 @@ def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def scores(path: Path, x: np.ndarray, y: np.ndarray, reference: np.ndarray, ratio: float) -> Scores:
-    """Accuracy, top-1 agreement with FP32, weight-size ratio and file size of a model."""
+    """Return accuracy, top-1 agreement with FP32, weight-size ratio and file size of a model."""
     logits = run_onnx(path, x)
     return Scores(
         accuracy=float((logits.argmax(1) == y).mean()),
@@ -243,7 +243,7 @@ def percent(s: Spread) -> str:
 
 
 def configurations(runs: Sequence[Sequence[int]]) -> str:
-    """Distinct bit configurations with how many seeds chose each."""
+    """Return the distinct bit configurations with how many seeds chose each."""
     counts = Counter(tuple(r) for r in runs)
     return "; ".join(f"{list(c)} ×{n}" for c, n in counts.most_common())
 

@@ -86,6 +86,18 @@ class PinholeCamera:
             width, height, self.fx * sx, self.fy * sy, (self.cx + 0.5) * sx - 0.5, (self.cy + 0.5) * sy - 0.5
         )
 
+    def resample_image(self, image: np.ndarray) -> np.ndarray:
+        """Return IMAGE resampled to this camera's size (area averaging), or IMAGE when it fits.
+
+        For an image of the same view at another resolution, such as a camera image
+        paired with a depth network's smaller output and the camera scaled to it.
+        """
+        if image.shape[:2] == self.shape:
+            return image
+        import cv2
+
+        return cv2.resize(image, (self.width, self.height), interpolation=cv2.INTER_AREA)
+
     def check_image_shape(self, shape: tuple[int, ...], what: str = "image") -> None:
         """Raise ValueError when an image's (height, width) differs from the camera's."""
         if tuple(shape[:2]) != self.shape:

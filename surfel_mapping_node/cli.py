@@ -47,7 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
-    demo.add_argument("--max-frames", type=int, default=120, help="frames to fuse")
+    demo.add_argument(
+        "--max-frames", type=int, default=120, help="frames to fuse (the monocular part uses at most 60)"
+    )
+    demo.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder holding 7scenes_redkitchen/ for the monocular part "
+        "(default: $SURFEL_SHARED_DATA or ../shared/data)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(func=command_demo)
 
@@ -103,10 +112,9 @@ def command_demo(args: argparse.Namespace) -> int:
     if status != 0:
         return status
 
-    # --data is optional so that parsers without it still run the demo. --max-frames
-    # also caps the monocular frames, so a short demo stays short.
+    # --max-frames also caps the monocular frames, so a short demo stays short.
     mono_frames = VALIDATION_FRAMES[: args.max_frames]
-    outputs = run_mono_demo(getattr(args, "data", None), args.out / "mono", mono_frames)
+    outputs = run_mono_demo(args.data, args.out / "mono", mono_frames)
     if outputs is None:
         print("monocular demo skipped: 7-Scenes excerpt not found (set --data or SURFEL_SHARED_DATA)")
         return 0

@@ -221,11 +221,12 @@ def run_mono_comparison(
 def render_side_by_side(mono: SurfelCloud, rgbd: SurfelCloud, mono_label: str, rgbd_label: str) -> np.ndarray:
     """Return an RGB image of the two maps side by side, each with a caption above it.
 
-    NOTE: render_preview fits a view to each map, so the two panels may look from
-    different directions. A shared view needs render_preview to accept a projection.
+    Both panels use the view fitted to the RGB-D map, so they show the same scene from
+    the same viewpoint.
     """
-    from surfel_mapping_node.preview import render_preview
+    from surfel_mapping_node.preview import fit_projection, render_preview
 
+    projection = fit_projection(rgbd.position_m, rgbd.normal, PANEL_WIDTH_PX, PANEL_HEIGHT_PX)
     panels = []
     for cloud, label in ((mono, mono_label), (rgbd, rgbd_label)):
         rendered = render_preview(
@@ -235,6 +236,7 @@ def render_side_by_side(mono: SurfelCloud, rgbd: SurfelCloud, mono_label: str, r
             cloud.radius_m,
             width=PANEL_WIDTH_PX,
             height=PANEL_HEIGHT_PX,
+            projection=projection,
         )
         caption = np.full((CAPTION_HEIGHT_PX, PANEL_WIDTH_PX, 3), 255, dtype=np.uint8)
         cv2.putText(caption, label, (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)

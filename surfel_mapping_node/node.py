@@ -745,6 +745,10 @@ class SurfelMappingNode(Node):
         else:
             image = frame.payloads["image"]
             depth_raw, encoding = frame.payloads["depth"]
+            if s.input_mode == "depth_only" and depth_raw.shape[:2] == camera.shape:
+                # A depth network's output is usually smaller than the camera image, and
+                # its camera_info is scaled to the output: bring the image to that size.
+                image = camera.resample_image(image)
             if not self._sizes_match(camera, {"image": image, "depth": depth_raw}):
                 return
             depth_m = self._decode_depth(depth_raw, encoding)

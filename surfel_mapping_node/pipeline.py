@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-import cv2
 import numpy as np
 
 from surfel_mapping_node.camera import PinholeCamera
@@ -297,7 +296,7 @@ def _image_at_camera_size(
     if image.shape[:2] == camera.shape:
         return image
     start = time.perf_counter()
-    resized = cv2.resize(image, (camera.width, camera.height), interpolation=cv2.INTER_AREA)
+    resized = camera.resample_image(image)
     stages_ms["image_resize"] = (time.perf_counter() - start) * 1e3
     return resized
 

@@ -51,6 +51,7 @@ def render_preview(
     width: int = 960,
     height: int = 720,
     view: str = "oblique",
+    projection: PreviewProjection | None = None,
 ) -> np.ndarray:
     """Render points to an (height, width, 3) uint8 RGB image.
 
@@ -62,6 +63,8 @@ def render_preview(
         radius_m: optional (N,) disc radii in metres; without them points are 1 px.
         width, height: image size in pixels (at least 64 × 48).
         view: "oblique" (tilted 50°) or "top" (along the thinnest axis).
+        projection: a view from ``fit_projection`` to use instead of fitting one to
+            these points, so that several maps render from the same viewpoint.
 
     Raises:
         ValueError: for mis-shaped arrays, a non-uint8 color, an unknown view or a size
@@ -89,7 +92,8 @@ def render_preview(
     radius_m = radius_m[indices] if radius_m is not None else None
 
     # The view, then pixel coordinates and splat sizes.
-    projection = fit_projection(position_m, normal, width, height, view)
+    if projection is None:
+        projection = fit_projection(position_m, normal, width, height, view)
     offset = position_m - projection.origin_m
     u = offset @ projection.right * projection.pixels_per_m + (width - 1) / 2
     v = -(offset @ projection.up) * projection.pixels_per_m + (height - 1) / 2

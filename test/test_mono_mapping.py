@@ -215,9 +215,8 @@ class MonoRosHarness:
     """The inference node, the mapping node (depth_only) and a client, on one executor thread.
 
     Topics as in launch/mono_depth_mapping.launch.xml. The client replaces the
-    camera, the SLAM system and image_proc's resize node (which is not a pip package):
-    it publishes the full-size image and camera_info, the image downscaled to the
-    network's output size, and the ground-truth pose.
+    camera and the SLAM system: it publishes the full-size image and camera_info and
+    the ground-truth pose; the mapping node downscales the image to the depth's size.
     """
 
     def __init__(self, save_path: Path) -> None:
@@ -260,7 +259,7 @@ class MonoRosHarness:
                 parameter_overrides=[Parameter(k, value=v) for k, v in mapper_parameters.items()],
                 cli_args=_remaps(
                     {
-                        "image": "/camera/image_resized",
+                        "image": "/camera/image_raw",
                         "depth": f"/{NETWORK_NODE}/depth",
                         "camera_info": f"/{NETWORK_NODE}/camera_info",
                         "pose": "/slam/camera_pose",
@@ -279,7 +278,6 @@ class MonoRosHarness:
         reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
         self.image_pub = self.client.create_publisher(Image, "/camera/image_raw", reliable)
         self.info_pub = self.client.create_publisher(CameraInfo, "/camera/camera_info", reliable)
-        self.resized_pub = self.client.create_publisher(Image, "/camera/image_resized", reliable)
         self.pose_pub = self.client.create_publisher(PoseStamped, "/slam/camera_pose", reliable)
         self.depth_stamps: list[int] = []
         self.client.create_subscription(Image, f"/{NETWORK_NODE}/depth", self._on_depth, reliable)
@@ -290,7 +288,7 @@ class MonoRosHarness:
             self.executor.add_node(node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
-        publishers = [self.image_pub, self.info_pub, self.resized_pub, self.pose_pub]
+        publishers = [self.image_pub, self.info_pub, self.pose_pub]
         discovered = self.wait_for(lambda: all(p.get_subscription_count() > 0 for p in publishers), 30)
         assert discovered, "the nodes did not discover the client's publishers"
 
@@ -338,7 +336,6 @@ class MonoRosHarness:
         info.d = [0.0] * 5
         info.r = np.eye(3).reshape(-1).tolist()
         info.p = np.hstack([camera.K, np.zeros((3, 1))]).reshape(-1).tolist()
-        resized = cv2.resize(image_rgb, (80, 64), interpolation=cv2.INTER_AREA)
         before = self.mapper.counters()["frames_processed"]
 
         self.info_pub.publish(info)
@@ -346,7 +343,6 @@ class MonoRosHarness:
         time.sleep(0.02)
         pose = PoseStamped(header=conv.make_header(stamp_ns, "map"), pose=conv.matrix_to_pose(T_world_camera))
         self.pose_pub.publish(pose)
-        self.resized_pub.publish(_rgb8(resized, header))
         self.image_pub.publish(_rgb8(image_rgb, header))
 
         # The first frame compiles the numba kernels unless they are cached.
