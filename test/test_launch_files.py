@@ -26,7 +26,7 @@ from rclpy.parameter import Parameter  # noqa: E402
 
 from quantized_inference_node.model_card import load_model_card, resolve_path  # noqa: E402
 from quantized_inference_node.node import QuantizedInferenceNode  # noqa: E402
-from surfel_mapping_node import node as node_module  # noqa: E402
+from surfel_mapping_node import node_parameters as mapping_parameters  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "surfel_perception"
@@ -193,17 +193,19 @@ def test_other_packages_are_dependencies(launch_file: Path):
 def test_mapping_node_parameters_are_declared_and_valid(launch_name: str):
     root = launch_root(launch_name)
     args = arg_defaults(root)
-    specs = node_module.all_parameter_specs()
+    specs = mapping_parameters.all_parameter_specs()
     (node,) = package_nodes(root, MAPPING_EXEC)
 
     values = node_parameters(node, args, launch_name)
 
     undeclared = sorted(set(values) - set(specs))
     assert not undeclared, f"{launch_name}: parameters the node does not declare: {undeclared}"
-    settings = node_module.settings_from_parameters(values)
+    settings = mapping_parameters.settings_from_parameters(values)
 
     # Every remapped name is a topic the node subscribes to in its input mode.
-    subscribed = set(node_module.INPUT_TOPICS[settings.input_mode]) | set(node_module.STATE_TOPICS)
+    subscribed = set(mapping_parameters.INPUT_TOPICS[settings.input_mode]) | set(
+        mapping_parameters.STATE_TOPICS
+    )
     remapped = {remap.get("from") for remap in node.iter("remap")}
     assert remapped <= subscribed, f"{launch_name}: remaps of unknown topics {sorted(remapped - subscribed)}"
     assert remapped == subscribed, (
@@ -368,20 +370,22 @@ def test_rviz_config_shows_the_node_outputs():
 
 
 def test_settings_check_rejects_what_the_node_would_reject():
-    with pytest.raises(node_module.NodeParameterError, match=r"unknown parameter 'fusion\.max_wieght'"):
-        node_module.settings_from_parameters({"fusion.max_wieght": 3.0})
     with pytest.raises(
-        node_module.NodeParameterError, match=r"invalid parameter sync_tolerance=1: use a double"
+        mapping_parameters.NodeParameterError, match=r"unknown parameter 'fusion\.max_wieght'"
     ):
-        node_module.settings_from_parameters({"sync_tolerance": 1})
+        mapping_parameters.settings_from_parameters({"fusion.max_wieght": 3.0})
     with pytest.raises(
-        node_module.NodeParameterError, match=r"invalid fusion\.max_weight=0\.0: it must be > 0"
+        mapping_parameters.NodeParameterError, match=r"invalid parameter sync_tolerance=1: use a double"
     ):
-        node_module.settings_from_parameters({"fusion.max_weight": 0.0})
+        mapping_parameters.settings_from_parameters({"sync_tolerance": 1})
     with pytest.raises(
-        node_module.NodeParameterError, match=r"invalid parameter T_body_camera=.*invalid quaternion"
+        mapping_parameters.NodeParameterError, match=r"invalid fusion\.max_weight=0\.0: it must be > 0"
     ):
-        node_module.settings_from_parameters({"T_body_camera": [0.0] * 7})
+        mapping_parameters.settings_from_parameters({"fusion.max_weight": 0.0})
+    with pytest.raises(
+        mapping_parameters.NodeParameterError, match=r"invalid parameter T_body_camera=.*invalid quaternion"
+    ):
+        mapping_parameters.settings_from_parameters({"T_body_camera": [0.0] * 7})
 
 
 def test_inference_parameter_type_check_catches_a_wrong_type(inference_node_parameters):

@@ -39,7 +39,8 @@ from std_srvs.srv import Trigger  # noqa: E402
 from visualization_msgs.msg import Marker  # noqa: E402
 
 from surfel_mapping_node import ros_conversions as conv  # noqa: E402
-from surfel_mapping_node.node import NodeParameterError, SurfelMappingNode  # noqa: E402
+from surfel_mapping_node.node import SurfelMappingNode  # noqa: E402
+from surfel_mapping_node.node_parameters import NodeParameterError  # noqa: E402
 from surfel_mapping_node.ply_io import read_surfel_ply  # noqa: E402
 from surfel_mapping_node.stereo import stereo_depth  # noqa: E402
 
