@@ -9,7 +9,7 @@ it is sent. It measures:
     counters(), which a probe node in the node's process serves over a service;
   - latency from an image's stamp to the receipt of the first ``~/keyframe_path`` that
     lists it. The node publishes that path together with ``~/map`` from the map it
-    has at that moment, so this is the delay until the map update that holds the frame.
+    has at that moment, so this is the delay until the map update that contains the frame.
     Only keyframes appear in the path, so the latency is sampled at keyframes;
   - the node process's resident memory (VmRSS) and CPU time, from /proc every 0.1 s;
   - the offline SurfelMapper's time per frame on the same frames, in the same run.
@@ -49,13 +49,13 @@ SEVEN_SCENES_FOLDER = "7scenes_redkitchen"
 NODE_NAME = "surfel_mapping_node"
 # The node process's second node, which serves the node's counters.
 PROBE_NODE_NAME = "node_throughput_probe"
-# Longest wait for the fate of a frame sent before the measured ones, s.
+# Maximum wait for the fate of a frame sent before the measured ones, s.
 PRIME_PERIOD_S = 4.0
-# A counters answer slower than this means the node's executor was blocked, s.
-PROMPT_ANSWER_S = 0.25
-# The node counts as idle when its counters stayed the same this long, s: longer than
-# Fast DDS's default heartbeat period (3 s), after which a reliable writer resends
-# what a reader missed, so a repaired frame can arrive that late.
+# A counters response slower than this means that the node's executor was blocked, s.
+PROMPT_RESPONSE_S = 0.25
+# The node counts as idle when its counters stayed the same this long, s. This is longer
+# than Fast DDS's default heartbeat period (3 s). A reliable writer resends what a
+# reader missed after a heartbeat, so a repaired frame can arrive that late.
 IDLE_STEADY_S = 4.0
 CAMERA_FRAME = "camera_color_optical_frame"
 # Frame-level drop reasons of the node's counters: each loses one matched frame. The
@@ -79,7 +79,7 @@ logger = logging.getLogger(__name__)
 
 
 class NodeRunError(RuntimeError):
-    """The node process did not start, did not answer, or did not stop; the message has its log's tail."""
+    """The node process did not start, respond or stop in time; the message ends with its log."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ class LoadedFrames(NamedTuple):
 
 
 class PublishedFrames(NamedTuple):
-    """What the publisher sent."""
+    """The stamps and timing of the frames the publisher sent."""
 
     stamps_ns: list[int]
     # The worst lateness against the schedule, s.
@@ -184,7 +184,7 @@ class PathReceipt:
 
 @dataclass
 class ThroughputResult:
-    """What one run measured. Counts are frames unless named otherwise."""
+    """Measurements of one run. Counts are frames unless named otherwise."""
 
     config: ThroughputConfig
     published: int
@@ -304,7 +304,7 @@ def load_frame_messages(seven_scenes_dir: Path, first: int, count: int) -> Loade
 
     Raises:
         FileNotFoundError: the folder or one of its files is missing.
-        ValueError: the folder holds fewer than first + count frames.
+        ValueError: the folder contains fewer than first + count frames.
     """
     from geometry_msgs.msg import PoseStamped
     from sensor_msgs.msg import CameraInfo
@@ -390,8 +390,8 @@ def start_node_process(
 def serve_node(ros_args: list[str]) -> int:
     """Entry of the node process: run the node until SIGINT, as surfel_mapping_node.node.main does.
 
-    Beside it, a probe node answers the service ``node_throughput_probe/counters``
-    (std_srvs/Trigger) with the node's counters() as JSON, so the benchmark can read
+    Beside it, a probe node serves ``node_throughput_probe/counters`` (std_srvs/Trigger),
+    which returns the node's counters() as JSON, so the benchmark can read
     them while the node runs. The node publishes no statistics of its own.
     """
     import rclpy
@@ -410,12 +410,12 @@ def serve_node(ros_args: list[str]) -> int:
         rclpy.try_shutdown()
         return 2
 
-    def answer_counters(request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+    def serve_counters(request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         response.success, response.message = True, json.dumps(node.counters())
         return response
 
     probe = rclpy.create_node(PROBE_NODE_NAME)
-    probe.create_service(Trigger, f"{PROBE_NODE_NAME}/counters", answer_counters)
+    probe.create_service(Trigger, f"{PROBE_NODE_NAME}/counters", serve_counters)
     # The executor of surfel_mapping_node.node.main.
     executor = MultiThreadedExecutor(num_threads=3)
     executor.add_node(node)
@@ -495,9 +495,10 @@ def run_throughput(
     """Start the node, publish MESSAGES on the config's schedule, and measure what it does.
 
     Before the measured frames, the first frame is sent, one at a time, until the node
-    has fused one. That proves every input reaches it (a DDS reader may match its
-    writer seconds after the writer matched the reader, and drops what came before)
-    and loads its numba kernels. The counters of the result cover the measured frames.
+    has fused one. That proves every input reaches it and loads its numba kernels. On
+    a loaded machine a DDS reader matched its writer up to about 2 s after the writer
+    had matched the reader, and missed what came before. The counters of the result
+    cover the measured frames.
 
     Args:
         messages: config.frame_count frames, from load_frame_messages.
@@ -510,7 +511,7 @@ def run_throughput(
     Raises:
         ValueError: fewer messages than config.frame_count.
         ImportError: rclpy or a message package is missing.
-        NodeRunError: the node did not start, fuse the first frame, answer a service
+        NodeRunError: the node did not start, fuse the first frame, respond to a service
             or go idle in time.
     """
     if len(messages) < config.frame_count:
@@ -692,7 +693,7 @@ class _Client:
         return NodeRunError(f"{what} (node process {state}); its log ends:\n{_log_tail(self._log_path)}")
 
     def wait_for_node(self) -> None:
-        """Wait until the node subscribed to every input and its counters service answers.
+        """Wait until the node subscribed to every input and its counters service responds.
 
         Raises:
             NodeRunError: the node process exited or took longer than NODE_START_TIMEOUT_S.
@@ -718,7 +719,7 @@ class _Client:
         while not future.done() and time.monotonic() < deadline and self._process.poll() is None:
             time.sleep(0.02)
         if not future.done():
-            raise self._fail(f"{client.srv_name} did not answer within {timeout_s:.0f} s")
+            raise self._fail(f"{client.srv_name} timed out after {timeout_s:.0f} s")
         return future.result()
 
     def counters(self) -> dict[str, Any]:
@@ -757,24 +758,24 @@ class _Client:
         changing and its last map publication arrived here; return its counters.
 
         The counters must stay the same over IDLE_STEADY_S (or two publish periods) and
-        three answers that each came within PROMPT_ANSWER_S: a slow answer means the node's executor was
-        blocked, and messages may still wait in its DDS queues.
+        three responses that each came within PROMPT_RESPONSE_S. A slow response means
+        that the node's executor was blocked, so messages may still wait in its DDS queues.
 
         Raises:
             NodeRunError: not idle within TIMEOUT_S.
         """
         steady_s = max(IDLE_STEADY_S, 2.0 / self._publish_rate_hz)
         deadline = time.monotonic() + timeout_s
-        previous, steady_since, prompt_answers = None, time.monotonic(), 0
+        previous, steady_since, prompt_responses = None, time.monotonic(), 0
         while time.monotonic() < deadline:
-            asked = time.monotonic()
+            requested = time.monotonic()
             counters = self.counters()
-            prompt = time.monotonic() - asked <= PROMPT_ANSWER_S
+            prompt = time.monotonic() - requested <= PROMPT_RESPONSE_S
             if counters != previous or not prompt:
-                previous, steady_since, prompt_answers = counters, time.monotonic(), 0
+                previous, steady_since, prompt_responses = counters, time.monotonic(), 0
             else:
-                prompt_answers += 1
-                steady = time.monotonic() - steady_since >= steady_s and prompt_answers >= 3
+                prompt_responses += 1
+                steady = time.monotonic() - steady_since >= steady_s and prompt_responses >= 3
                 if steady and self._is_idle(counters):
                     return counters
             time.sleep(0.2)
@@ -825,7 +826,7 @@ class _Client:
         """Call ~/save_map; return the number of surfels in the written PLY (None if it failed).
 
         Raises:
-            NodeRunError: the service did not answer within 60 s.
+            NodeRunError: the service did not respond within 60 s.
         """
         from surfel_mapping_node.ply_io import read_surfel_ply
 
@@ -987,13 +988,19 @@ def report_markdown(results: list[ThroughputResult], offline: OfflineTiming | No
         f"Target, at most 5 % of the frames not fused at {first.rate_hz:g} Hz: " + "; ".join(verdicts) + ".",
         "",
         "- The node integrates the newest matched frame and skips (and counts) those that arrive while it "
-        "is busy, so it fuses at about 1 / (its time per frame) and its own queues stay bounded.",
-        "- Frames lost before the node's callbacks are missing from its counters; they are lost inside DDS "
-        "when its reader queue overflows or, with best effort, when fragments of the 1.5 MB frames are lost.",
+        "is busy, so it fuses at about 1 / (its time per frame), and its memory stays flat.",
+        "- Frames lost before the node's callbacks are missing from its counters. They are lost inside DDS: "
+        "a KEEP_LAST reader queue overwrites frames that the callbacks have not taken yet, and best effort "
+        "does not resend lost fragments of the 1.5 MB messages.",
         "- The latency is sampled at keyframes, the only frames whose stamps a subscriber can see "
-        "(in ~/keyframe_path); it includes the wait for the next publication (period "
+        "(in ~/keyframe_path). It includes the wait for the next publication (period "
         f"{1e3 / first.publish_rate_hz:.0f} ms).",
-        "- Other jobs shared the CPU cores, so wall times are noisy; CPU times are steadier.",
+        "- The node's CPU per fused frame includes receiving and decoding every published frame. It fuses "
+        "every second to fifth frame and the offline mapper every frame, so their work per frame differs.",
+        "- Its idle CPU comes mostly from its work timer, which fires every 5 ms: measured separately, a "
+        "bare rclpy node with such a timer on a three-thread MultiThreadedExecutor uses about 9 % of one "
+        "core on this machine.",
+        "- Other jobs shared the CPU cores, so wall times are noisy; CPU times vary less.",
     ]
     return "\n".join(lines)
 
@@ -1007,7 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Throughput of surfel_mapping_node at 30 Hz RGB-D over DDS (writes docs/benchmarks.md).",
     )
     parser.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA_DIR, help="folder holding 7scenes_redkitchen/"
+        "--data", type=Path, default=DEFAULT_DATA_DIR, help="folder that contains 7scenes_redkitchen/"
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to publish, s (default 10)")
     parser.add_argument("--rate", type=float, default=30.0, help="frame rate, Hz (default 30)")
