@@ -26,10 +26,9 @@ import numpy as np
 from benchmarks.report import write_section
 from surfel_mapping_node.config import MapperConfig, preset_for_format
 from surfel_mapping_node.datasets import open_dataset
-from surfel_mapping_node.depth import decode_depth
-from surfel_mapping_node.metrics import MapQuality, map_quality
+from surfel_mapping_node.metrics import MapQuality, map_quality, observed_points_world
 from surfel_mapping_node.pipeline import run_pipeline, select_indices
-from surfel_mapping_node.poses import invert, transform_points
+from surfel_mapping_node.poses import invert
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,20 +76,6 @@ def run_voxel_block_grid(dataset, indices, voxel_size_m: float, max_depth_m: flo
     return VoxelGridRun(voxel_size_m, frame_ms, points, int(memory))
 
 
-def observed_points(dataset, indices, config: MapperConfig, pixel_step: int = 2) -> np.ndarray:
-    """Back-project the valid depth of FRAMES (every PIXEL_STEP-th pixel) into the world frame."""
-    clouds = []
-    for index in indices:
-        frame = dataset[index]
-        depth_m = decode_depth(
-            frame.depth_raw, frame.depth_scale, config.depth.min_depth_m, config.depth.max_depth_m
-        )[::pixel_step, ::pixel_step]
-        v, u = np.nonzero(np.isfinite(depth_m))
-        points_camera = dataset.camera.backproject(u * pixel_step, v * pixel_step, depth_m[v, u])
-        clouds.append(transform_points(frame.T_world_camera, points_camera))
-    return np.concatenate(clouds)
-
-
 def stats_ms(values) -> str:
     return f"{np.median(values):.1f} / {np.percentile(values, 90):.1f}"
 
@@ -130,7 +115,7 @@ def bench_seven_scenes(data_dir: Path, lines: list[str]) -> None:
     for voxel_size_m in (0.02, 0.01):
         grids[voxel_size_m] = run_voxel_block_grid(dataset, fused, voxel_size_m, config.depth.max_depth_m)
 
-    observed = observed_points(dataset, held_out, config)
+    observed = observed_points_world(dataset, held_out, config)
     cloud = surfel_run.mapper.cloud()
     surfel_quality = map_quality(cloud.position_m, observed)
     grid_quality = {size: map_quality(run.points_world, observed) for size, run in grids.items()}

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
+from surfel_mapping_node.config import MapperConfig
+from surfel_mapping_node.datasets.base import Dataset
+from surfel_mapping_node.depth import decode_depth
+from surfel_mapping_node.poses import transform_points
+
 
 @dataclass
 class MapQuality:
@@ -73,3 +78,23 @@ def _point_to_plane_m(points: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
     _, eigenvectors = np.linalg.eigh(covariance)
     normal = eigenvectors[:, :, 0]  # eigenvector of the smallest eigenvalue
     return np.abs(np.einsum("ni,ni->n", points - centroid, normal))
+
+
+def observed_points_world(
+    dataset: Dataset, indices: range | list[int], config: MapperConfig, pixel_step: int = 2
+) -> np.ndarray:
+    """Back-project the valid depth of the frames INDICES into the world frame: (M, 3) metres.
+
+    Every PIXEL_STEP-th pixel in both directions; depth is decoded with the config's
+    range, as the mapper decodes it. For RGB-D datasets (frames with ``depth_raw``).
+    """
+    clouds = []
+    for index in indices:
+        frame = dataset[index]
+        scale = config.depth.depth_scale or frame.depth_scale
+        depth_m = decode_depth(frame.depth_raw, scale, config.depth.min_depth_m, config.depth.max_depth_m)
+        depth_m = depth_m[::pixel_step, ::pixel_step]
+        v, u = np.nonzero(np.isfinite(depth_m))
+        points_camera = dataset.camera.backproject(u * pixel_step, v * pixel_step, depth_m[v, u])
+        clouds.append(transform_points(frame.T_world_camera, points_camera))
+    return np.concatenate(clouds) if clouds else np.zeros((0, 3))

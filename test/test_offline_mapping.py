@@ -11,25 +11,9 @@ import pytest
 
 from surfel_mapping_node.config import MapperConfig, preset_for_format
 from surfel_mapping_node.datasets import open_dataset
-from surfel_mapping_node.metrics import map_quality
+from surfel_mapping_node.metrics import map_quality, observed_points_world
 from surfel_mapping_node.pipeline import run_pipeline, select_indices
 from surfel_mapping_node.ply_io import read_surfel_ply
-
-
-def observed_points(dataset, indices, config, pixel_step=2):
-    from surfel_mapping_node.depth import decode_depth
-    from surfel_mapping_node.poses import transform_points
-
-    clouds = []
-    for index in indices:
-        frame = dataset[index]
-        depth_m = decode_depth(
-            frame.depth_raw, frame.depth_scale, config.depth.min_depth_m, config.depth.max_depth_m
-        )[::pixel_step, ::pixel_step]
-        v, u = np.nonzero(np.isfinite(depth_m))
-        points = dataset.camera.backproject(u * pixel_step, v * pixel_step, depth_m[v, u])
-        clouds.append(transform_points(frame.T_world_camera, points))
-    return np.concatenate(clouds)
 
 
 @pytest.mark.slow
@@ -39,7 +23,7 @@ def test_seven_scenes_map_matches_held_out_depth(seven_scenes_dir):
 
     result = run_pipeline(dataset, config, select_indices(len(dataset), stride=2))
     quality = map_quality(
-        result.mapper.cloud().position_m, observed_points(dataset, range(1, 300, 10), config)
+        result.mapper.cloud().position_m, observed_points_world(dataset, range(1, 300, 10), config)
     )
 
     assert result.summary()["frames_fused"] == 150
