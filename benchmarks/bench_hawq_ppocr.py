@@ -535,8 +535,7 @@ def hawq_quantize(
         traces = activation_traces(
             module, hessian_batches, quantized, settings.probes, settings.seed
         )
-    scores = {n: traces[n] * qparams[n].scale ** 2 / 12 for n in quantized}
-    ranking = sorted(scores.items(), key=lambda item: item[1], reverse=True)
+    ranking = rank_activations(traces, qparams)
 
     # Protect the fewest top-ranked tensors that reach the target on the crops, or,
     # when no count reaches it, the count with the best crop IoU.
@@ -545,7 +544,7 @@ def hawq_quantize(
     ladder: list[tuple[int, float]] = []
     for count in PROTECTION_LADDER:
         protected = {name for name, _ in ranking[:count]}
-        kept = _without(qparams, protected, prepared.onnx_model)
+        kept = without_protected(qparams, protected, prepared.onnx_model)
         qdq = build_qdq_model(prepared.onnx_model, layers, allocation.bits, kept)
         candidate = folder / f"hawq_protect{count}.onnx"
         write_qdq_model(qdq, candidate)
@@ -577,7 +576,19 @@ def hawq_quantize(
     )
 
 
-def _without(
+def rank_activations(
+    traces: Mapping[str, float], qparams: Mapping[str, ActivationQParams]
+) -> list[tuple[str, float]]:
+    """Return (tensor, Tr(H_a) * scale^2 / 12) pairs, largest expected loss increase first.
+
+    scale^2 / 12 is the variance of uniform rounding noise on the uint8 grid, so the
+    score is the second-order loss increase of quantizing that tensor alone.
+    """
+    scores = {name: trace * qparams[name].scale**2 / 12 for name, trace in traces.items()}
+    return sorted(scores.items(), key=lambda item: item[1], reverse=True)
+
+
+def without_protected(
     qparams: Mapping[str, ActivationQParams], protected: set[str], model: onnx.ModelProto
 ) -> dict[str, ActivationQParams]:
     """Return QPARAMS without the protected tensors and the pass-through copies of them."""

@@ -6,8 +6,10 @@
         -r image:=/camera/image_raw
 
 Subscribes ``image`` (sensor_msgs/Image: mono8, 8UC1, rgb8, bgr8, 8UC3 as BGR, and
-mono16/16UC1 for cards with ``input.bit_depth: 16``) and ``camera_info``. Publishes, with
-the input image's header, per the card's task:
+mono16/16UC1 for cards with ``input.bit_depth: 16``; decoded by
+:mod:`surfel_mapping_node.image_encoding`, shared with the mapping node and the bag
+reader) and ``camera_info``. Publishes, with the input image's header, per the card's
+task:
 
 - segmentation: ``~/labels`` (mono8 class ids, 16UC1 above 256 classes) and
   ``~/overlay`` (bgr8, when ``publish_overlay`` is true);
@@ -69,18 +71,11 @@ from quantized_inference_node.latest_frame import LatestSlot
 from quantized_inference_node.model_card import ChannelOrder, Task
 from quantized_inference_node.preprocessing import ImageError
 from surfel_mapping_node.camera import PinholeCamera
+from surfel_mapping_node.image_encoding import IMAGE_ENCODINGS, ImageEncodingError, decode_pixels
 
-# Encodings of sensor_msgs/Image the node reads: (dtype, channels, channel order).
-SUPPORTED_ENCODINGS: dict[str, tuple[type, int, ChannelOrder]] = {
-    "mono8": (np.uint8, 1, ChannelOrder.GRAY),
-    "8UC1": (np.uint8, 1, ChannelOrder.GRAY),
-    "rgb8": (np.uint8, 3, ChannelOrder.RGB),
-    "bgr8": (np.uint8, 3, ChannelOrder.BGR),
-    # OpenCV's convention for three-channel images without a named order.
-    "8UC3": (np.uint8, 3, ChannelOrder.BGR),
-    "mono16": (np.uint16, 1, ChannelOrder.GRAY),
-    "16UC1": (np.uint16, 1, ChannelOrder.GRAY),
-}
+# Encodings of sensor_msgs/Image the node reads; their pixel formats and channel orders
+# (8UC3 as BGR) are in surfel_mapping_node.image_encoding.IMAGE_ENCODINGS.
+SUPPORTED_ENCODINGS: tuple[str, ...] = ("mono8", "8UC1", "rgb8", "bgr8", "8UC3", "mono16", "16UC1")
 
 # Image streams: the newest image matters and a late one is worthless, so best effort
 # with a queue of one (a reliable publisher still connects to a best-effort subscriber).
@@ -119,40 +114,18 @@ class PendingImage:
 def decode_image(message: Image) -> DecodedImage:
     """Return the pixels of a sensor_msgs/Image as (H, W) or (H, W, 3) uint8/uint16.
 
+    Decoded by :func:`surfel_mapping_node.image_encoding.decode_pixels`: row padding
+    skipped, big-endian data byte-swapped, channels in the message's order.
+
     Raises:
-        ImageError: an empty image, an unsupported encoding, or a data buffer shorter
-            than height × step or a step shorter than a row.
+        ImageError: an empty image, an encoding outside SUPPORTED_ENCODINGS, a step
+            shorter than a row, or a data buffer shorter than height × step.
     """
-    if message.encoding not in SUPPORTED_ENCODINGS:
-        raise ImageError(
-            f"unsupported image encoding {message.encoding!r}: use one of "
-            f"{', '.join(SUPPORTED_ENCODINGS)}"
-        )
-    if message.height == 0 or message.width == 0:
-        raise ImageError(f"empty image ({message.width}x{message.height}): nothing to infer")
-
-    dtype, channels, order = SUPPORTED_ENCODINGS[message.encoding]
-    item_size = np.dtype(dtype).itemsize
-    row_bytes = message.width * channels * item_size
-    if message.step < row_bytes:
-        raise ImageError(
-            f"invalid image step {message.step} for {message.width} pixels of {message.encoding}: "
-            f"a row needs at least {row_bytes} bytes"
-        )
-    data = np.frombuffer(bytes(message.data), dtype=np.uint8)
-    if data.size < message.step * message.height:
-        raise ImageError(
-            f"image data of {data.size} bytes is shorter than height {message.height} x step "
-            f"{message.step}: the message is truncated"
-        )
-
-    rows = data[: message.step * message.height].reshape(message.height, message.step)
-    byte_order = ">" if message.is_bigendian else "<"
-    pixels = rows[:, :row_bytes].copy().view(np.dtype(dtype).newbyteorder(byte_order))
-    pixels = pixels.astype(dtype).reshape(message.height, message.width, channels)
-    if channels == 1:
-        pixels = pixels[:, :, 0]
-    return DecodedImage(pixels, order)
+    try:
+        pixels = decode_pixels(message, SUPPORTED_ENCODINGS)
+    except ImageEncodingError as error:
+        raise ImageError(str(error)) from error
+    return DecodedImage(pixels, ChannelOrder(IMAGE_ENCODINGS[message.encoding].channel_order))
 
 
 def encode_image(pixels: np.ndarray, encoding: str, header: Header) -> Image:

@@ -1,7 +1,8 @@
 """Conversions between ROS 2 messages and the numpy arrays of the mapping core.
 
 Images (sensor_msgs/Image) become (height, width[, channels]) arrays in the machine's
-byte order, whatever the message's row step and endianness. Intrinsics come from
+byte order, whatever the message's row step and endianness; the decoding itself is in
+the ROS-free :mod:`surfel_mapping_node.image_encoding`. Intrinsics come from
 sensor_msgs/CameraInfo. Poses (geometry_msgs/PoseStamped, nav_msgs/Odometry,
 nav_msgs/Path) become 4×4 ``T_a_b`` matrices (poses.py conventions). The map goes out
 as a sensor_msgs/PointCloud2 whose fields are laid out in ``SURFEL_CLOUD_FIELDS`` and
@@ -23,6 +24,17 @@ from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker
 
 from surfel_mapping_node.camera import PinholeCamera
+
+# The encoding tables are re-exported for the node and older callers of this module.
+from surfel_mapping_node.image_encoding import COLOR_ENCODINGS as COLOR_ENCODINGS
+from surfel_mapping_node.image_encoding import DEPTH_ENCODINGS as DEPTH_ENCODINGS
+from surfel_mapping_node.image_encoding import IMAGE_ENCODINGS as IMAGE_ENCODINGS
+from surfel_mapping_node.image_encoding import (
+    ImageEncodingError,
+    decode_pixels,
+    pixel_format,
+    to_rgb_or_gray,
+)
 from surfel_mapping_node.mapper import SurfelCloud
 from surfel_mapping_node.poses import (
     InvalidPoseError,
@@ -33,27 +45,12 @@ from surfel_mapping_node.poses import (
 
 logger = logging.getLogger(__name__)
 
-
-class ImageConversionError(ValueError):
-    """A sensor_msgs/Image that cannot be read (encoding, size, step, data length)."""
+# The old name of the image decoding error, kept for the node and older callers.
+ImageConversionError = ImageEncodingError
 
 
 class CameraInfoError(ValueError):
     """A sensor_msgs/CameraInfo that gives no usable intrinsics or baseline."""
-
-
-# Encoding -> (numpy dtype, channels). REP 118: 16UC1 and mono16 depth are millimetres
-# by default, 32FC1 depth is metres.
-IMAGE_ENCODINGS: dict[str, tuple[np.dtype, int]] = {
-    "mono8": (np.dtype(np.uint8), 1),
-    "rgb8": (np.dtype(np.uint8), 3),
-    "bgr8": (np.dtype(np.uint8), 3),
-    "mono16": (np.dtype(np.uint16), 1),
-    "16UC1": (np.dtype(np.uint16), 1),
-    "32FC1": (np.dtype(np.float32), 1),
-}
-COLOR_ENCODINGS = ("mono8", "rgb8", "bgr8")
-DEPTH_ENCODINGS = ("16UC1", "mono16", "32FC1")
 
 
 # The PointCloud2 layout of a surfel map, spelled out once: (name, byte offset,
@@ -119,9 +116,8 @@ def make_header(stamp_ns: int, frame_id: str) -> Header:
 def image_to_numpy(msg: Image, allowed_encodings: tuple[str, ...] | None = None) -> np.ndarray:
     """Return the pixels of a sensor_msgs/Image as a native-endian array.
 
-    mono8 → (H, W) uint8; rgb8, bgr8 → (H, W, 3) uint8 in the message's channel order;
-    16UC1, mono16 → (H, W) uint16; 32FC1 → (H, W) float32. Row padding (``step`` larger
-    than width × pixel size) is skipped and big-endian data is byte-swapped.
+    See :func:`surfel_mapping_node.image_encoding.decode_pixels`: (H, W) or (H, W, C)
+    in the message's channel order, row padding skipped, big-endian data byte-swapped.
 
     Args:
         msg: the image message.
@@ -131,45 +127,16 @@ def image_to_numpy(msg: Image, allowed_encodings: tuple[str, ...] | None = None)
         ImageConversionError: an unsupported encoding, a zero size, a step shorter than
             a row or data shorter than step × height.
     """
-    allowed = allowed_encodings or tuple(IMAGE_ENCODINGS)
-    if msg.encoding not in allowed or msg.encoding not in IMAGE_ENCODINGS:
-        raise ImageConversionError(
-            f"unsupported image encoding {msg.encoding!r}: use one of {', '.join(allowed)}"
-        )
-    dtype, channels = IMAGE_ENCODINGS[msg.encoding]
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    if height == 0 or width == 0:
-        raise ImageConversionError(f"empty {msg.encoding} image {width}x{height}: nothing to read")
-    row_bytes = width * channels * dtype.itemsize
-    if step < row_bytes:
-        raise ImageConversionError(
-            f"invalid step {step} of a {width}x{height} {msg.encoding} image: "
-            f"a row needs at least {row_bytes} bytes"
-        )
-    data = np.frombuffer(memoryview(msg.data).cast("B"), dtype=np.uint8)
-    if data.size < step * height:
-        raise ImageConversionError(
-            f"{msg.encoding} image {width}x{height} with step {step} has {data.size} bytes "
-            f"of data: expected {step * height}"
-        )
-
-    rows = data[: step * height].reshape(height, step)[:, :row_bytes]
-    wire_dtype = dtype.newbyteorder(">" if msg.is_bigendian else "<")
-    pixels = np.ascontiguousarray(rows).view(wire_dtype).astype(dtype, copy=False)
-    shape = (height, width) if channels == 1 else (height, width, channels)
-    return np.ascontiguousarray(pixels.reshape(shape))
+    return decode_pixels(msg, allowed_encodings)
 
 
 def image_to_rgb_or_mono(msg: Image) -> np.ndarray:
     """Return a color or gray image as the mapper wants it: (H, W) uint8 or (H, W, 3) RGB.
 
     Raises:
-        ImageConversionError: an encoding other than mono8, rgb8 or bgr8, or a bad layout.
+        ImageConversionError: an encoding outside COLOR_ENCODINGS, or a bad layout.
     """
-    pixels = image_to_numpy(msg, COLOR_ENCODINGS)
-    if msg.encoding == "bgr8":
-        return np.ascontiguousarray(pixels[..., ::-1])
-    return pixels
+    return to_rgb_or_gray(decode_pixels(msg, COLOR_ENCODINGS), msg.encoding)
 
 
 def numpy_to_image(array: np.ndarray, encoding: str, stamp_ns: int, frame_id: str) -> Image:
@@ -179,11 +146,8 @@ def numpy_to_image(array: np.ndarray, encoding: str, stamp_ns: int, frame_id: st
         ImageConversionError: an unsupported encoding, or an array whose dtype or
             channel count does not fit it.
     """
-    if encoding not in IMAGE_ENCODINGS:
-        raise ImageConversionError(
-            f"unsupported image encoding {encoding!r}: use one of {', '.join(IMAGE_ENCODINGS)}"
-        )
-    dtype, channels = IMAGE_ENCODINGS[encoding]
+    pixel = pixel_format(encoding)
+    dtype, channels = pixel.dtype, pixel.channels
     array = np.asarray(array)
     expected_ndim = 2 if channels == 1 else 3
     if array.dtype != dtype or array.ndim != expected_ndim or (channels > 1 and array.shape[2] != channels):

@@ -17,10 +17,9 @@ the same pixel or slot, so the result does not depend on the thread count. The f
 per-superpixel pixel lists (a counting sort on those slots) are kept in Superpixels,
 and extract_surfels fits its planes over them.
 
-NOTE: numba's default OpenMP thread pool spins while it waits; on a machine whose
-cores are busy with other processes, the parallel kernels then run several times
-slower than with one thread. Run such deployments with NUMBA_NUM_THREADS=1 (or
-numba.set_num_threads(1) in the calling thread) or OMP_WAIT_POLICY=PASSIVE.
+The OpenMP threads that run the parallel kernels wait passively unless the user sets
+OMP_WAIT_POLICY (see surfel_mapping_node/__init__.py): spinning threads make the
+kernels several times slower when other processes share the cores.
 """
 
 from __future__ import annotations

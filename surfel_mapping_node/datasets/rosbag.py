@@ -30,6 +30,14 @@ import yaml
 from surfel_mapping_node.camera import PinholeCamera
 from surfel_mapping_node.datasets.base import Frame
 from surfel_mapping_node.depth import MILLIMETRES_SCALE
+from surfel_mapping_node.image_encoding import (
+    COLOR_ENCODINGS,
+    DEPTH_ENCODINGS,
+    IMAGE_ENCODINGS,
+    ImageEncodingError,
+    decode_pixels,
+    to_rgb_or_gray,
+)
 from surfel_mapping_node.poses import pose_from_translation_quaternion
 from surfel_mapping_node.topics import (
     CAMERA_INFO_TYPE,
@@ -50,22 +58,7 @@ logger = logging.getLogger(__name__)
 # them identically, and hardware-synchronized sensors usually agree to microseconds.
 DEFAULT_STAMP_TOLERANCE_NS = 1_000_000
 
-# Encodings of sensor_msgs/Image this reader decodes: name -> (dtype, channels).
-_ENCODINGS: dict[str, tuple[np.dtype, int]] = {
-    "mono8": (np.dtype(np.uint8), 1),
-    "8UC1": (np.dtype(np.uint8), 1),
-    "rgb8": (np.dtype(np.uint8), 3),
-    "bgr8": (np.dtype(np.uint8), 3),
-    "8UC3": (np.dtype(np.uint8), 3),
-    "rgba8": (np.dtype(np.uint8), 4),
-    "bgra8": (np.dtype(np.uint8), 4),
-    "mono16": (np.dtype(np.uint16), 1),
-    "16UC1": (np.dtype(np.uint16), 1),
-    "32FC1": (np.dtype(np.float32), 1),
-}
 KEYFRAME_MODES = ("auto", "path", "none")
-_IMAGE_ENCODINGS = ("mono8", "8UC1", "rgb8", "bgr8", "8UC3", "rgba8", "bgra8")
-_DEPTH_ENCODINGS = ("16UC1", "mono16", "32FC1")
 
 
 class BagFormatError(ValueError):
@@ -110,46 +103,25 @@ class _FrameRefs:
     keyframe_id: int | None
 
 
-def decode_image(message: Any, allowed: tuple[str, ...] = tuple(_ENCODINGS)) -> np.ndarray:
-    """Return the pixels of a sensor_msgs/Image (rosbags message) as a (H, W[, C]) array.
+def decode_image(message: Any, allowed: tuple[str, ...] = tuple(IMAGE_ENCODINGS)) -> np.ndarray:
+    """Return the pixels of a sensor_msgs/Image (rosbags message) as a (H, W[, 3]) array.
 
-    Rows are cut to ``width`` whatever the padding in ``step``; big-endian data is
-    byte-swapped. Color comes back as RGB (``bgr8`` is reordered, alpha dropped).
+    Decoded by :func:`surfel_mapping_node.image_encoding.decode_pixels` (row padding
+    skipped, big-endian data byte-swapped); color comes back as RGB (BGR reordered,
+    alpha dropped), gray and depth unchanged.
 
     Args:
         message: a deserialized sensor_msgs/msg/Image.
         allowed: the encodings the caller accepts.
 
     Raises:
-        BagFormatError: an encoding outside ALLOWED, or a data size that does not
-            match height × step.
+        BagFormatError: an encoding outside ALLOWED, a zero size, a step shorter than a
+            row, or data shorter than height × step.
     """
-    encoding = message.encoding
-    if encoding not in allowed:
-        raise BagFormatError(
-            f"unsupported image encoding {encoding!r}: this reader takes {', '.join(allowed)}"
-        )
-    dtype, channels = _ENCODINGS[encoding]
-    height, width, step = int(message.height), int(message.width), int(message.step)
-    row_bytes = width * channels * dtype.itemsize
-    data = message.data
-    data = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
-    if step < row_bytes or data.size != height * step:
-        raise BagFormatError(
-            f"corrupt {encoding} image: {data.size} bytes for {width}x{height} with step {step} "
-            f"(expected step >= {row_bytes} and {height * step} bytes)"
-        )
-
-    rows = data.reshape(height, step)[:, :row_bytes]
-    dtype = dtype.newbyteorder(">" if message.is_bigendian else "<")
-    pixels = np.ascontiguousarray(rows).view(dtype).reshape((height, width, channels))
-    pixels = pixels.astype(dtype.newbyteorder("="), copy=False)
-
-    if channels == 1:
-        return pixels[:, :, 0].copy()
-    if encoding.startswith("bgr"):
-        pixels = pixels[:, :, 2::-1]
-    return np.ascontiguousarray(pixels[:, :, :3])
+    try:
+        return to_rgb_or_gray(decode_pixels(message, allowed), message.encoding)
+    except ImageEncodingError as error:
+        raise BagFormatError(str(error)) from error
 
 
 def camera_from_info(message: Any) -> PinholeCamera:
@@ -268,7 +240,7 @@ class BagDataset:
         refs = self._frames[index]
 
         image_message, second_message = self._read(refs.image, refs.second)
-        image = decode_image(image_message, _IMAGE_ENCODINGS)
+        image = decode_image(image_message, COLOR_ENCODINGS)
         self.camera.check_image_shape(image.shape, f"image of frame {index}")
         frame = Frame(
             index=index,
@@ -279,12 +251,12 @@ class BagDataset:
             keyframe_id=refs.keyframe_id,
         )
         if self.kind == "rgbd":
-            frame.depth_raw = decode_image(second_message, _DEPTH_ENCODINGS)
+            frame.depth_raw = decode_image(second_message, DEPTH_ENCODINGS)
             # REP 118: 16-bit depth is millimetres, float depth metres.
             frame.depth_scale = 1.0 if second_message.encoding == "32FC1" else MILLIMETRES_SCALE
             self.camera.check_image_shape(frame.depth_raw.shape, f"depth of frame {index}")
         else:
-            frame.right_image = decode_image(second_message, _IMAGE_ENCODINGS)
+            frame.right_image = decode_image(second_message, COLOR_ENCODINGS)
             frame.baseline_m = self.baseline_m
             self.camera.check_image_shape(frame.right_image.shape, f"right image of frame {index}")
         return frame
