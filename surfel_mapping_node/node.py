@@ -23,9 +23,10 @@ Every parameter is listed once in PARAMETER_SPECS (node options) or comes from
 MapperConfig (mapper options, flattened as ``section.name``, e.g. ``fusion.max_weight``);
 both are declared with descriptors and validated before the node starts.
 
-Threads: subscriptions only decode and queue messages, in one callback group. A
-timer in a second group integrates the newest matched frame, publishes and saves. So
-a slow frame delays the map but never the message callbacks, and matched frames that
+Threads: subscriptions only decode and queue messages, in one callback group. Work in
+a second group integrates the newest matched frame (woken by a guard condition when a
+frame is matched), publishes on a timer and saves. The mapping kernels release the GIL,
+so a slow frame delays the map but not the message callbacks, and matched frames that
 arrive while the mapper is busy are dropped and counted.
 """
 
@@ -219,7 +220,9 @@ class SurfelMappingNode(Node):
         self._mesh_pub = self.create_publisher(Marker, "~/map_mesh", LATCHED_QOS)
         self._path_pub = self.create_publisher(PathMsg, "~/keyframe_path", LATCHED_QOS)
         self.create_service(Trigger, "~/save_map", self._on_save_map, callback_group=self._work_group)
-        self.create_timer(0.005, self._on_work_timer, callback_group=self._work_group)
+        # Work runs when a frame or a keyframe path is pending, woken by this guard
+        # condition rather than by polling, so an idle node costs no CPU.
+        self._work_guard = self.create_guard_condition(self._on_work, callback_group=self._work_group)
         self.create_timer(1.0 / s.publish_rate_hz, self._on_publish_timer, callback_group=self._work_group)
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
@@ -404,6 +407,7 @@ class SurfelMappingNode(Node):
             return
         with self._lock:
             self._pending_path = path
+        self._work_guard.trigger()
 
     def _add_to_sync(self, stream: str, stamp_ns: int, payload: Any) -> None:
         with self._lock:
@@ -413,10 +417,12 @@ class SurfelMappingNode(Node):
                     self._counters.frames_skipped_busy += 1
                 self._counters.frames_skipped_busy += len(matched) - 1
                 self._pending_frame = matched[-1]
+        if matched:
+            self._work_guard.trigger()
 
     # --- work: integrate, correct, publish, save ------------------------------------
 
-    def _on_work_timer(self) -> None:
+    def _on_work(self) -> None:
         with self._lock:
             frame, self._pending_frame = self._pending_frame, None
             path, self._pending_path = self._pending_path, None
@@ -692,6 +698,8 @@ class SurfelMappingNode(Node):
             return {
                 "frames_processed": c.frames_processed,
                 "frames_skipped_busy": c.frames_skipped_busy,
+                # Messages per input stream that reached the node (DDS losses happen before).
+                "received": dict(stats.received),
                 "dropped": dict(c.dropped),
                 "keyframe_updates": c.keyframe_updates,
                 "unknown_keyframe_stamps": c.unknown_keyframe_stamps,

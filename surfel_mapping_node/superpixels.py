@@ -286,7 +286,7 @@ def _seeds_at_cell_centres(
 _SUM_FIELDS = 8
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def _inverse_depth_image(depth):  # pragma: no cover - numba kernel
     height, width = depth.shape
     inverse = np.empty((height, width), np.float32)
@@ -297,7 +297,7 @@ def _inverse_depth_image(depth):  # pragma: no cover - numba kernel
     return inverse
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 def _assign_pixels(
     image, depth, inverse_depth, v_starts, u_starts,
     seed_u, seed_v, seed_intensity, seed_depth,
@@ -450,7 +450,7 @@ def _assign_pixels(
                         sum_wd += w * d
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _seeds_from_sums(sums, seed_u, seed_v, seed_intensity, seed_depth):  # pragma: no cover
     # Seeds without pixels keep their previous values and may win pixels back.
     for s in range(seed_u.shape[0]):
@@ -471,7 +471,7 @@ def _seeds_from_sums(sums, seed_u, seed_v, seed_intensity, seed_depth):  # pragm
             seed_depth[s] = np.nan
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def _sort_pixels_by_slot(labels, v_starts, cells_u, slot_counts):  # pragma: no cover
     # Counting sort with the slots of _assign_pixels as buckets: a slot is filled by one
     # block row in raster order, and a seed's slots follow its block rows, so each
@@ -498,7 +498,7 @@ def _sort_pixels_by_slot(labels, v_starts, cells_u, slot_counts):  # pragma: no 
     return slot_offsets[::3].copy(), indices
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _sort_pixels_by_label(labels, count):  # pragma: no cover - numba kernel
     # Counting sort for labels of any layout: histogram, offsets, one stable scatter.
     flat = labels.reshape(-1)
@@ -519,7 +519,7 @@ def _sort_pixels_by_label(labels, count):  # pragma: no cover - numba kernel
     return offsets, indices
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 def _refine_depth(offsets, indices, depth, huber_delta, iterations, estimate):  # pragma: no cover
     # Huber IRLS steps of each superpixel's depth over its pixels with depth, from the
     # given estimate, skipped where that is NaN (no depth). The depths are gathered

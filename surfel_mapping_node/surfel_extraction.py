@@ -193,7 +193,7 @@ def _check_inputs(
     return np.ascontiguousarray(image).reshape(-1, channels)
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 def _fit_surfels(
     offsets, indices, depth, image_rows, width, x_of_u, y_of_v, center_u, center_v, robust_depth,
     cx, cy, fx, fy, focal,
@@ -365,7 +365,7 @@ def _fit_surfels(
             weight[s] = min(1.0, (weight_depth_scale / z) ** 2)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _sum(values, count):  # pragma: no cover - numba kernel
     total = 0.0
     for i in range(count):
@@ -373,7 +373,7 @@ def _sum(values, count):  # pragma: no cover - numba kernel
     return total
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _solve_symmetric_3x3(m00, m01, m02, m11, m12, m22, r0, r1, r2):  # pragma: no cover
     """Solve [[m00, m01, m02], [m01, m11, m12], [m02, m12, m22]]·x = r by Cramer's rule.
 

@@ -464,7 +464,7 @@ def test_bad_images_are_rejected(start_node) -> None:
 
     cases = [
         (image_message(np.zeros((4, 4, 4), np.uint8), "rgba8", 2, 0, "camera"), "unsupported image encoding"),
-        (image_message(np.zeros((0, 0), np.uint8), "mono8", 3, 0, "camera"), "empty image"),
+        (image_message(np.zeros((0, 0), np.uint8), "mono8", 3, 0, "camera"), "empty mono8 image"),
         (image_message(page.astype(np.uint16) * 256, "mono16", 4, 0, "camera"), "input.bit_depth is 8"),
     ]
     truncated = image_message(page, "mono8", 5, 0, "camera")
@@ -618,14 +618,14 @@ def test_decode_16_bit_byte_orders() -> None:
             {"encoding": "rgba8", "height": 1, "width": 1, "step": 4, "data": b"\0" * 4},
             "unsupported image encoding 'rgba8': use one of mono8",
         ),
-        ({"encoding": "mono8", "height": 0, "width": 0, "step": 0, "data": b""}, r"empty image \(0x0\)"),
+        ({"encoding": "mono8", "height": 0, "width": 0, "step": 0, "data": b""}, "empty mono8 image 0x0"),
         (
             {"encoding": "bgr8", "height": 1, "width": 2, "step": 5, "data": b"\0" * 6},
-            "invalid image step 5 for 2 pixels of bgr8: a row needs at least 6 bytes",
+            "invalid step 5 of a 2x1 bgr8 image: a row needs at least 6 bytes",
         ),
         (
             {"encoding": "mono8", "height": 2, "width": 2, "step": 2, "data": b"\0" * 3},
-            "image data of 3 bytes is shorter than height 2 x step 2",
+            "mono8 image 2x2 with step 2 has 3 bytes of data: expected 4",
         ),
     ],
 )

@@ -391,7 +391,7 @@ def test_decode_image_bad_encoding_size():
     short = types.SimpleNamespace(encoding="mono8", height=2, width=3, step=3, is_bigendian=0, data=bytes(5))
     jpeg = types.SimpleNamespace(encoding="jpeg", height=2, width=3, step=3, is_bigendian=0, data=bytes(6))
 
-    with pytest.raises(BagFormatError, match="corrupt mono8 image: 5 bytes for 3x2 with step 3"):
+    with pytest.raises(BagFormatError, match="mono8 image 3x2 with step 3 has 5 bytes of data: expected 6"):
         decode_image(short)
     with pytest.raises(BagFormatError, match="unsupported image encoding 'jpeg'"):
         decode_image(jpeg)
