@@ -1,7 +1,8 @@
 """Latency of FP32, uniform INT8 and HAWQ mixed-precision models, and through the ROS node.
 
 For each model (the PP-OCRv4 text detector and the PP-OCR text-orientation classifier
-of the rapidocr-onnxruntime wheel), in one process:
+of the rapidocr-onnxruntime wheel, and the packaged depth_7scenes network with its
+HAWQ model), in one process:
   - builds a uniform INT8 model with onnxruntime's quantize_static (QDQ, per-channel
     int8 weights, uint8 activations, MinMax calibration on scikit-image's pictures),
     after upgrading the model to opset 13 because per-channel DequantizeLinear needs it;
@@ -134,6 +135,14 @@ def models_under_test() -> list[ModelUnderTest]:
             {"page": pictures["page"], "coffee": pictures["coffee"]},
         ),
         ModelUnderTest(
+            "depth_7scenes",
+            f"{CARDS}/depth_7scenes/model.onnx",
+            f"{CARDS}/depth_7scenes/model.yaml",
+            pictures["chelsea"],
+            list(pictures.values()),
+            {name: pictures[name] for name in ("coffee", "astronaut", "chelsea")},
+        ),
+        ModelUnderTest(
             "ppocr_cls_v2",
             f"{PACKAGE_MODELS}/ch_ppocr_mobile_v2.0_cls_infer.onnx",
             f"{CARDS}/ppocr_cls_v2.yaml",
@@ -168,10 +177,11 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def prepare_for_quantization(model: ModelUnderTest, work_dir: Path, log: Callable[[str], None]) -> Path:
-    """Write MODEL at opset 13 with weights as initializers, Conv and BatchNormalization fused."""
+    """Write MODEL at opset 13 or newer with weights as initializers, Conv and BatchNormalization fused."""
     upgraded = work_dir / f"{model.name}_opset13.onnx"
     source = constants_to_initializers(onnx.load(resolve_path(model.model_path)))
-    onnx.save(version_converter.convert_version(source, 13), upgraded)
+    opset = next(o.version for o in source.opset_import if o.domain in ("", "ai.onnx"))
+    onnx.save(version_converter.convert_version(source, 13) if opset < 13 else source, upgraded)
 
     # Fold constants and fuse Conv with BatchNormalization before quantizing, or the QDQ
     # pairs between them block the fusion and BatchNormalization runs in float.
@@ -351,6 +361,18 @@ def fidelity(
             parts.append(f"{name}: IoU {iou:.2f} ({found.sum():,} of FP32's {expected.sum():,} text pixels)")
         line = f"- {model.name} {label} text map (threshold 0.3) against FP32: " + "; ".join(parts)
         return Fidelity(line, min(ious))
+
+    if reference.card.task.value == "depth":
+        differences = []
+        for image in model.check_images.values():
+            expected = reference.infer(image).depth_m
+            found = engine.infer(image).depth_m
+            differences.append(float(np.nanmean(np.abs(found - expected) / expected)))
+        line = (
+            f"- {model.name} {label} depth against FP32: mean relative difference "
+            f"{np.mean(differences):.4f} over {len(differences)} pictures"
+        )
+        return Fidelity(line, 1.0 - float(np.mean(differences)))
 
     same = [
         reference.infer(image).top_k[0].label == engine.infer(image).top_k[0].label
@@ -587,7 +609,10 @@ def main() -> int:
     )
     parser.add_argument("--e2e-rate", type=float, default=2.0, help="camera rate in Hz for the node test")
     parser.add_argument(
-        "--models", nargs="*", default=[], help="models to measure (default all): ppocr_det_v4 ppocr_cls_v2"
+        "--models",
+        nargs="*",
+        default=[],
+        help="models to measure (default all): ppocr_det_v4 depth_7scenes ppocr_cls_v2",
     )
     parser.add_argument("--skip-node", action="store_true", help="skip the end-to-end test through the node")
     args = parser.parse_args()
@@ -605,6 +630,9 @@ def main() -> int:
         if not Path(path).is_file():
             parser.error(f"HAWQ model {path} not found")
         hawq_paths[name] = Path(path)
+    # The packaged depth network ships with its HAWQ model.
+    if "depth_7scenes" in {m.name for m in models}:
+        hawq_paths.setdefault("depth_7scenes", Path(resolve_path(f"{CARDS}/depth_7scenes/model_hawq.onnx")))
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
