@@ -129,8 +129,9 @@ class KeyframeConfig:
     local_map_hops: int = 20
     local_map_radius_m: float = 5.0
     # A new keyframe is also linked to up to this many nearest keyframes within
-    # local_map_radius_m that are more than local_map_hops keyframes older, so a
-    # place seen again rejoins the local map; 0 turns these links off.
+    # local_map_radius_m that are more than local_map_hops keyframes older and were
+    # passed more than 2 × local_map_radius_m of travel ago, so a place seen again
+    # rejoins the local map; 0 turns these links off.
     revisit_links: int = 2
     # A corrected keyframe pose counts as moved (and moves its surfels) when its
     # position changed by more than this many metres or its rotation by more than

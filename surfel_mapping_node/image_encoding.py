@@ -27,7 +27,7 @@ class ImageEncodingError(ValueError):
 
 
 class PixelFormat(NamedTuple):
-    """How the pixels of one sensor_msgs/Image encoding are laid out."""
+    """The pixel layout of one sensor_msgs/Image encoding."""
 
     dtype: np.dtype
     channels: int
@@ -40,8 +40,8 @@ class PixelFormat(NamedTuple):
 
 
 # Encoding name -> pixel format. REP 118: 16UC1 and mono16 depth are millimetres by
-# default, 32FC1 depth is metres. 8UC1 and 8UC3 name no channel order; 8UC3 is BGR
-# here because OpenCV, and cv_bridge images made from it, store color that way.
+# default, 32FC1 depth is metres. 8UC3 names no channel order, so it is read as BGR,
+# the order of OpenCV images, where 8UC3 images usually come from.
 IMAGE_ENCODINGS: dict[str, PixelFormat] = {
     "mono8": PixelFormat(np.dtype(np.uint8), 1, "GRAY"),
     "8UC1": PixelFormat(np.dtype(np.uint8), 1, "GRAY"),
@@ -54,7 +54,7 @@ IMAGE_ENCODINGS: dict[str, PixelFormat] = {
     "16UC1": PixelFormat(np.dtype(np.uint16), 1, "GRAY"),
     "32FC1": PixelFormat(np.dtype(np.float32), 1, "GRAY"),
 }
-# 8-bit intensity or color images, the ones to_rgb_or_gray makes mapper input of.
+# Encodings of 8-bit gray or color images, which to_rgb_or_gray turns into mapper input.
 COLOR_ENCODINGS = ("mono8", "8UC1", "rgb8", "bgr8", "8UC3", "rgba8", "bgra8")
 # Depth images: 16-bit millimetres or float metres.
 DEPTH_ENCODINGS = ("16UC1", "mono16", "32FC1")
@@ -103,20 +103,20 @@ def decode_pixels(message: Any, allowed_encodings: Collection[str] | None = None
     height, width, step = int(message.height), int(message.width), int(message.step)
     if height <= 0 or width <= 0:
         raise ImageEncodingError(
-            f"empty {encoding} image {width}x{height}: width and height must be > 0; "
-            "check the publisher of the image"
+            f"empty {encoding} image {width}x{height}: width and height must be > 0. "
+            "Check the publisher of the image"
         )
     row_bytes = width * pixel.bytes_per_pixel
     if step < row_bytes:
         raise ImageEncodingError(
             f"invalid step {step} of a {width}x{height} {encoding} image: a row needs at least "
-            f"{row_bytes} bytes (width × {pixel.bytes_per_pixel} bytes per pixel); set step >= {row_bytes}"
+            f"{row_bytes} bytes (width × {pixel.bytes_per_pixel} bytes per pixel). Set step >= {row_bytes}"
         )
     data = _as_bytes(message.data)
     if data.size < height * step:
         raise ImageEncodingError(
             f"{encoding} image {width}x{height} with step {step} has {data.size} bytes of data: "
-            f"expected {height * step} (height × step); the message is truncated, or its "
+            f"expected {height * step} (height × step). The message is truncated, or its "
             "height or step is wrong"
         )
 

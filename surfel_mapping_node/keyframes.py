@@ -82,8 +82,10 @@ class KeyframeGraph:
         self.current_id: int | None = None
         # Incremented on every change that can change a local map (links, poses).
         self.version = 0
-        # Keyframe positions in creation order, for the revisit search.
+        # Keyframe positions in creation order, and the distance travelled up to each
+        # (metres along the keyframe chain), for the revisit search.
         self._positions_m = np.zeros((0, 3))
+        self._travelled_m = np.zeros((0, 1))
         self._ids_in_order: list[int] = []
 
     def __len__(self) -> int:
@@ -169,10 +171,17 @@ class KeyframeGraph:
             from_pose_source=from_pose_source,
             anchor_id=anchor_id,
         )
-        revisited = self._revisited_keyframes(keyframe.T_world_keyframe[:3, 3])
+        position_m = keyframe.T_world_keyframe[:3, 3]
+        travelled_m = 0.0
+        if self.count:
+            travelled_m = self._travelled_m[self.count - 1, 0] + np.linalg.norm(
+                position_m - self._positions_m[self.count - 1]
+            )
+        revisited = self._revisited_keyframes(position_m, travelled_m)
         self._keyframes[keyframe_id] = keyframe
         self._ids_in_order.append(keyframe_id)
-        self._positions_m = _append_row(self._positions_m, self.count, keyframe.T_world_keyframe[:3, 3])
+        self._positions_m = _append_row(self._positions_m, self.count, position_m)
+        self._travelled_m = _append_row(self._travelled_m, self.count, np.array([travelled_m]))
 
         for other_id in revisited:
             self.link(keyframe_id, other_id)
@@ -186,15 +195,25 @@ class KeyframeGraph:
         )
         return keyframe
 
-    def _revisited_keyframes(self, position_m: np.ndarray) -> list[int]:
-        """Return the nearest older keyframes within the local map radius that the chain does not reach."""
+    def _revisited_keyframes(self, position_m: np.ndarray, travelled_m: float) -> list[int]:
+        """Return the nearest older keyframes of a place seen again.
+
+        A candidate is more than local_map_hops keyframes older, within
+        local_map_radius_m, and was passed more than twice that radius of travel ago.
+        The last condition tells a return to a place from walking straight on: there the
+        keyframes just passed are near in space and in travel alike, and linking them
+        would let the local-map search reach ever further back along the chain.
+        """
         links = self.config.revisit_links
         older = self.count - self.config.local_map_hops
         if links <= 0 or older <= 0:
             return []
+        radius_m = self.config.local_map_radius_m
         distance_m = np.linalg.norm(self._positions_m[:older] - position_m, axis=1)
-        nearest = np.argsort(distance_m)[:links]
-        return [self._ids_in_order[i] for i in nearest if distance_m[i] <= self.config.local_map_radius_m]
+        is_return = travelled_m - self._travelled_m[:older, 0] > 2.0 * radius_m
+        candidates = np.flatnonzero((distance_m <= radius_m) & is_return)
+        nearest = candidates[np.argsort(distance_m[candidates])[:links]]
+        return [self._ids_in_order[i] for i in nearest]
 
     def _make_current(self, keyframe_id: int) -> None:
         if self.current_id is not None and self.current_id != keyframe_id:
@@ -222,23 +241,27 @@ class KeyframeGraph:
             center_id = self.current_id
         if center_id is None:
             return []
-        center_m = self._keyframes[center_id].T_world_keyframe[:3, 3]
-        radius_m = self.config.local_map_radius_m
+
+        # Breadth-first search to local_map_hops links, through keyframes at any distance.
         hops = {center_id: 0}
         queue = deque([center_id])
-        result = []
+        visited = []
         while queue:
             keyframe_id = queue.popleft()
+            visited.append(keyframe_id)
             keyframe = self._keyframes[keyframe_id]
-            if np.linalg.norm(keyframe.T_world_keyframe[:3, 3] - center_m) <= radius_m:
-                result.append(keyframe_id)
             if hops[keyframe_id] == self.config.local_map_hops:
                 continue
             for neighbor in keyframe.neighbors:
                 if neighbor not in hops:
                     hops[neighbor] = hops[keyframe_id] + 1
                     queue.append(neighbor)
-        return result
+
+        # Keep those within the radius, in one vectorized distance computation.
+        rows = np.fromiter((self._keyframes[k].index for k in visited), dtype=np.int64, count=len(visited))
+        positions_m = self._positions_m[rows]
+        within = np.linalg.norm(positions_m - positions_m[0], axis=1) <= self.config.local_map_radius_m
+        return [keyframe_id for keyframe_id, keep in zip(visited, within, strict=True) if keep]
 
     def update_poses(self, T_world_keyframe_by_id: dict[int, np.ndarray]) -> PoseCorrection:
         """Set corrected keyframe poses; return the correction of every keyframe that moved.

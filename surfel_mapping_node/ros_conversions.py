@@ -1,8 +1,8 @@
 """Conversions between ROS 2 messages and the numpy arrays of the mapping core.
 
 Images (sensor_msgs/Image) become (height, width[, channels]) arrays in the machine's
-byte order, whatever the message's row step and endianness; the decoding itself is in
-the ROS-free :mod:`surfel_mapping_node.image_encoding`. Intrinsics come from
+byte order, whatever the message's row step and endianness. The ROS-free
+:mod:`surfel_mapping_node.image_encoding` decodes them. Intrinsics come from
 sensor_msgs/CameraInfo. Poses (geometry_msgs/PoseStamped, nav_msgs/Odometry,
 nav_msgs/Path) become 4×4 ``T_a_b`` matrices (poses.py conventions). The map goes out
 as a sensor_msgs/PointCloud2 whose fields are laid out in ``SURFEL_CLOUD_FIELDS`` and

@@ -80,6 +80,12 @@ def test_cli_defaults_match_the_api() -> None:
     assert args.probes == hessian.probes
     assert args.iterations == hessian.max_iterations
     assert args.tolerance == hessian.tolerance
+    assert args.trace_method == hessian.trace_method.value
+    assert args.skip_eigenvalues is not hessian.eigenvalues
+    assert args.weight_clipping == options.weight_clipping.value
+    assert args.float_activations == options.float_activations
+    assert args.auto_float_activations == options.auto_float_activations
+    assert args.float_activation_budget == options.float_activation_budget
 
 
 def test_help_has_examples(capsys) -> None:

@@ -123,3 +123,100 @@ def test_empty_calibration_set_is_rejected() -> None:
     w = torch.ones(2, requires_grad=True)
     with pytest.raises(ValueError, match="calibration set is empty"):
         layer_curvatures([], [], [w], ["w"])
+
+
+def small_cnn_problem(seed: int = 0):
+    """A two-conv, one-linear network with an MSE loss against targets near its outputs.
+
+    Targets close to the outputs (as in distillation) make the Hessian nearly
+    positive semi-definite, so the traces are well away from zero.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 2, 6, 6, generator=generator)
+    weights = [
+        (torch.randn(4, 2, 3, 3, generator=generator) * 0.5).requires_grad_(True),
+        (torch.randn(5, 4, 3, 3, generator=generator) * 0.5).requires_grad_(True),
+        (torch.randn(3, 5 * 2 * 2, generator=generator) * 0.5).requires_grad_(True),
+    ]
+
+    def forward() -> torch.Tensor:
+        h = torch.tanh(F.conv2d(x, weights[0]))
+        h = torch.tanh(F.conv2d(h, weights[1]))
+        return h.flatten(1) @ weights[2].T
+
+    with torch.no_grad():
+        target = forward() + 0.05 * torch.randn(8, 3, generator=generator)
+
+    return (lambda: F.mse_loss(forward(), target)), weights
+
+
+def exact_block_traces(loss_fn, weights: list[torch.Tensor]) -> list[float]:
+    """Tr(H_ii) per weight from every unit vector (independent of Hutchinson)."""
+    traces = []
+    for w in weights:
+        (grad,) = torch.autograd.grad(loss_fn(), w, create_graph=True)
+        flat = grad.reshape(-1)
+        total = 0.0
+        for j in range(flat.numel()):
+            (row,) = torch.autograd.grad(flat[j], w, retain_graph=True)
+            total += float(row.reshape(-1)[j])
+        traces.append(total)
+    return traces
+
+
+def test_joint_traces_match_per_layer_traces_within_hutchinson_noise() -> None:
+    loss_fn, weights = small_cnn_problem()
+    names = ["conv1", "conv2", "fc"]
+    exact = np.array(exact_block_traces(loss_fn, weights))
+    probes = 200
+
+    joint = layer_curvatures(
+        [loss_fn], [8], weights, names, HessianSettings(probes=probes, eigenvalues=False, seed=1)
+    )
+    per_layer = layer_curvatures(
+        [loss_fn],
+        [8],
+        weights,
+        names,
+        HessianSettings(probes=probes, eigenvalues=False, trace_method="per_layer", seed=2),
+    )
+
+    # Both are unbiased. With 200 probes, measured over seeds 0-3: joint errors up to
+    # 8 %, per-layer up to 5 %; with the seeds used here both are within 3 %.
+    # Allowed: 10 % of the exact trace for each, and 12 % between the two.
+    joint_traces = np.array([c.trace for c in joint])
+    per_layer_traces = np.array([c.trace for c in per_layer])
+    np.testing.assert_allclose(joint_traces, exact, rtol=0.10)
+    np.testing.assert_allclose(per_layer_traces, exact, rtol=0.10)
+    np.testing.assert_allclose(joint_traces, per_layer_traces, rtol=0.12)
+    # Without the power iteration the eigenvalues are NaN and no step is counted.
+    assert all(np.isnan(c.top_eigenvalue) and c.iterations == 0 for c in joint)
+
+
+def test_joint_trace_on_least_squares_matches_the_exact_trace() -> None:
+    x, y = least_squares_problem(seed=5, k=2)
+    n, k = len(x), y.shape[1]
+    gram = x.astype(np.float64).T @ x.astype(np.float64)
+    weight = torch.zeros(k, x.shape[1], requires_grad=True)
+    bias_x, _ = least_squares_problem(seed=6, d=4, k=2)
+    other = torch.zeros(k, 4, requires_grad=True)
+    tx, tb, ty = torch.from_numpy(x), torch.from_numpy(bias_x), torch.from_numpy(y)
+
+    # Two layers with a non-zero cross block, so the joint probes carry cross-layer noise.
+    curvatures = layer_curvatures(
+        [lambda: F.mse_loss(tx @ weight.T + tb @ other.T, ty)],
+        [n],
+        [weight, other],
+        ["w", "other"],
+        HessianSettings(probes=100, seed=3, eigenvalues=False),
+    )
+
+    # Required accuracy: 5 % on the trace of each diagonal block.
+    np.testing.assert_allclose(curvatures[0].trace, 2.0 / (n * k) * k * np.trace(gram), rtol=0.05)
+    gram_other = bias_x.astype(np.float64).T @ bias_x.astype(np.float64)
+    np.testing.assert_allclose(curvatures[1].trace, 2.0 / (n * k) * k * np.trace(gram_other), rtol=0.05)
+
+
+def test_unknown_trace_method_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown trace_method 'exact'; use one of joint, per_layer"):
+        HessianSettings(trace_method="exact")

@@ -32,7 +32,7 @@ def make_message(
 # --- the table -----------------------------------------------------------------------
 
 
-def test_table_holds_the_encodings_of_the_mapper_bag_reader_and_inference_node():
+def test_table_is_union_of_all_readers():
     expected = {"mono8", "8UC1", "rgb8", "bgr8", "8UC3", "rgba8", "bgra8", "mono16", "16UC1", "32FC1"}
 
     assert set(IMAGE_ENCODINGS) == expected
@@ -209,13 +209,13 @@ def test_8uc3_is_read_as_bgr():
             make_message("16UC1", 3, 2, 5, bytes(10)),
             None,
             r"invalid step 5 of a 3x2 16UC1 image: a row needs at least 6 bytes "
-            r"\(width × 2 bytes per pixel\); set step >= 6",
+            r"\(width × 2 bytes per pixel\)\. Set step >= 6",
         ),
         (
             make_message("32FC1", 2, 2, 8, bytes(15)),
             None,
-            r"32FC1 image 2x2 with step 8 has 15 bytes of data: expected 16 \(height × step\); "
-            "the message is truncated",
+            r"32FC1 image 2x2 with step 8 has 15 bytes of data: expected 16 \(height × step\)\. "
+            "The message is truncated",
         ),
     ],
     ids=["unknown encoding", "encoding not allowed", "zero width", "zero height", "short step", "short data"],
@@ -235,7 +235,7 @@ def test_allowed_encodings_outside_the_table_are_still_rejected():
         decode_pixels(make_message("bayer_rggb8", 2, 2, 2, bytes(4)), ("bayer_rggb8",))
 
 
-def test_to_rgb_or_gray_rejects_an_unknown_encoding_and_mismatched_pixels():
+def test_to_rgb_or_gray_rejects_bad_input():
     with pytest.raises(ImageEncodingError, match="unsupported image encoding 'yuv422'"):
         to_rgb_or_gray(np.zeros((2, 2, 2), np.uint8), "yuv422")
     with pytest.raises(

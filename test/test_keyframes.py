@@ -128,6 +128,18 @@ def test_revisit_links_old_nearby_keyframe() -> None:
     assert 0 in graph.local_map()
 
 
+def test_walking_straight_makes_no_revisit_links() -> None:
+    # Keyframes 0.5 m apart on a line: the ones just passed are near, but not revisited.
+    graph = KeyframeGraph(KeyframeConfig(local_map_hops=3, local_map_radius_m=2.0, revisit_links=2))
+    for i in range(40):
+        graph.select(_pose(x_m=0.5 * i), stamp_ns=i, keyframe_id=i)
+
+    for i in range(40):
+        assert graph[i].neighbors <= {i - 1, i + 1}
+    # Three hops back from keyframe 39, all within the 2 m radius.
+    assert sorted(graph.local_map()) == [36, 37, 38, 39]
+
+
 def test_update_poses_returns_exact_corrections() -> None:
     graph = KeyframeGraph(KeyframeConfig())
     _chain(graph, 3, spacing_m=0.5)

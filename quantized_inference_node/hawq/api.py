@@ -12,7 +12,9 @@ handled like any ONNX model, so the analysed graph is the one that is written.
 
 Steps: fold BatchNorm into Conv (ONNX side), convert to a differentiable torch
 module, calibrate activation ranges in onnxruntime, compute each layer's Hessian
-eigenvalue and trace, the sensitivities Omega_i(b), solve the bit-allocation ILP,
+eigenvalue and trace, the sensitivities Omega_i(b), optionally rank the activation
+tensors by their Hessian trace and keep the most sensitive in float, solve the
+bit-allocation ILP,
 optionally fine-tune with quantization in the loop, write the QDQ model, check it
 in onnxruntime against the torch fake-quant model, and write the report.
 """
@@ -36,11 +38,20 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from .activation_precision import (
+    ActivationSensitivity,
+    activation_traces,
+    check_activation_names,
+    rank_activations,
+    select_float_activations,
+    without_float_activations,
+)
 from .bit_allocation import BitAllocation, allocate_bits, check_size_budget, weight_size_bytes
 from .calibration import CalibrationError, ImagePreprocess, load_calibration, read_input_specs
 from .fake_quant import (
     ActivationQParams,
     RangeMethod,
+    WeightClipping,
     fake_quantize_activation,
     fake_quantize_weight,
 )
@@ -110,6 +121,14 @@ class QuantizeOptions:
         finetune_lr: Fine-tuning learning rate (Adam).
         seed: Seed of all random choices.
         show_progress: Show tqdm progress bars.
+        weight_clipping: Weight scales: MSE clipping for 2..4-bit layers (default) or
+            max-abs everywhere; the analysis and the export use the same.
+        float_activations: Activation tensors (ONNX names) kept in float.
+        auto_float_activations: Also keep the K activation tensors with the largest
+            Tr(H_a) * scale^2 / 12 in float (activation Hessian traces, HAWQ-V2).
+        float_activation_budget: Also keep top-ranked activation tensors in float
+            until the summed score of the tensors still quantized is at most this
+            fraction of the total (None: off).
     """
 
     bits: tuple[int, ...] = (2, 4, 8)
@@ -127,6 +146,10 @@ class QuantizeOptions:
     finetune_lr: float = 1e-4
     seed: int = 0
     show_progress: bool = False
+    weight_clipping: WeightClipping = WeightClipping.MSE
+    float_activations: tuple[str, ...] = ()
+    auto_float_activations: int = 0
+    float_activation_budget: float | None = None
 
     def __post_init__(self) -> None:
         bits = tuple(self.bits)
@@ -153,6 +176,30 @@ class QuantizeOptions:
             raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
         object.__setattr__(self, "activation_range", RangeMethod(self.activation_range))
         object.__setattr__(self, "loss", LossKind(self.loss))
+        try:
+            object.__setattr__(self, "weight_clipping", WeightClipping(self.weight_clipping))
+        except ValueError:
+            choices = ", ".join(c.value for c in WeightClipping)
+            raise ValueError(
+                f"unknown weight_clipping {self.weight_clipping!r}; use one of {choices}"
+            ) from None
+        if isinstance(self.float_activations, str):
+            raise ValueError(
+                "float_activations takes a sequence of tensor names, "
+                f"got the string {self.float_activations!r}"
+            )
+        object.__setattr__(self, "float_activations", tuple(self.float_activations))
+        if self.auto_float_activations < 0:
+            raise ValueError(f"auto_float_activations must be >= 0, got {self.auto_float_activations}")
+        if self.float_activation_budget is not None and not 0.0 <= self.float_activation_budget <= 1.0:
+            raise ValueError(
+                f"float_activation_budget must be in [0, 1], got {self.float_activation_budget}"
+            )
+
+    @property
+    def ranks_activations(self) -> bool:
+        """Whether the analysis computes activation traces to choose float tensors."""
+        return self.auto_float_activations > 0 or self.float_activation_budget is not None
 
 
 @dataclass
@@ -218,6 +265,9 @@ class QuantizeResult:
         hessian_seconds: Wall time of the Hessian analysis.
         macs: Per-layer multiply-accumulates for one sample.
         options: The effective options.
+        layer_ops: ONNX operator of each layer.
+        float_activations: Activation tensors kept in float (named and automatic).
+        activation_ranking: Activation sensitivities, largest first (empty unless ranked).
     """
 
     layers: list[LayerSensitivity]
@@ -231,6 +281,8 @@ class QuantizeResult:
     macs: list[int]
     options: QuantizeOptions
     layer_ops: list[str] = field(default_factory=list)
+    float_activations: list[str] = field(default_factory=list)
+    activation_ranking: list[ActivationSensitivity] = field(default_factory=list)
 
 
 def torch_to_onnx(module: torch.nn.Module, example_inputs: Sequence[np.ndarray]) -> onnx.ModelProto:
@@ -431,13 +483,15 @@ def _loss_closures(
 
 
 @contextlib.contextmanager
-def quantized_weights(prepared: PreparedModel, bits: Sequence[int]) -> Iterator[None]:
+def quantized_weights(
+    prepared: PreparedModel, bits: Sequence[int], clipping: WeightClipping = WeightClipping.MSE
+) -> Iterator[None]:
     """Temporarily replace the layer weights with their fake-quantized values."""
     saved = [w.detach().clone() for w in prepared.weights]
     try:
         with torch.no_grad():
             for w, layer, b in zip(prepared.weights, prepared.layers, bits, strict=True):
-                w.copy_(fake_quantize_weight(w, b, layer.channel_axis))
+                w.copy_(fake_quantize_weight(w, b, layer.channel_axis, clipping))
         yield
     finally:
         with torch.no_grad():
@@ -513,12 +567,16 @@ class Analysis:
     Attributes:
         prepared: The model (ONNX and torch views) and its layers.
         batches: The calibration batches.
-        qparams: uint8 parameters per quantized activation tensor.
+        qparams: uint8 parameters per quantized activation tensor (float ones left out).
         macs: Per-layer multiply-accumulates for one sample.
         loss: The loss whose Hessian was analysed.
         sensitivities: Per-layer eigenvalue, trace and Omega_i(b).
-        hessian_seconds: Wall time of the Hessian analysis.
+        hessian_seconds: Wall time of the weight Hessian analysis.
         fp32_weight_bytes: FP32 size of the quantizable weights.
+        weight_clipping: How the weight scales were chosen (the export uses the same).
+        float_activations: Activation tensors kept in float.
+        activation_ranking: Activation sensitivities, largest first (empty unless ranked).
+        activation_seconds: Wall time of the activation traces.
     """
 
     prepared: PreparedModel
@@ -529,6 +587,10 @@ class Analysis:
     sensitivities: list[LayerSensitivity]
     hessian_seconds: float
     fp32_weight_bytes: float
+    weight_clipping: WeightClipping = WeightClipping.MSE
+    float_activations: list[str] = field(default_factory=list)
+    activation_ranking: list[ActivationSensitivity] = field(default_factory=list)
+    activation_seconds: float = 0.0
 
     @property
     def num_params(self) -> list[int]:
@@ -613,6 +675,7 @@ def analyze(
         options.percentile,
     )
     qparams = propagate_pass_through(prepared.onnx_model, calib.qparams)
+    check_activation_names(options.float_activations, qparams)
     macs = [
         layer_macs(layer, _layer_output_shape(prepared, layer, batches, calib.output_shapes))
         for layer in layers
@@ -624,9 +687,10 @@ def analyze(
     batch_labels = None if batches[0].labels is None else batches[0].labels
     kind = resolve_loss(options.loss, probe_output, batch_labels)
     LOGGER.info("Hessian loss: %s", kind.value)
+    closures = _loss_closures(prepared.module, batches, kind)
     started = time.perf_counter()
     curvatures: list[LayerCurvature] = layer_curvatures(
-        _loss_closures(prepared.module, batches, kind),
+        closures,
         [b.size for b in batches],
         prepared.weights,
         [layer.node_name for layer in layers],
@@ -635,9 +699,67 @@ def analyze(
     )
     hessian_seconds = time.perf_counter() - started
     sensitivities = layer_sensitivities(
-        curvatures, prepared.weights, [layer.channel_axis for layer in layers], options.bits
+        curvatures,
+        prepared.weights,
+        [layer.channel_axis for layer in layers],
+        options.bits,
+        options.weight_clipping,
     )
-    return Analysis(prepared, batches, qparams, macs, kind, sensitivities, hessian_seconds, fp32_bytes)
+
+    # Activation tensors kept in float: the named ones, then the top-ranked by trace.
+    started = time.perf_counter()
+    ranking = _rank_activation_tensors(prepared, closures, batches, list(calib.qparams), qparams, options)
+    activation_seconds = time.perf_counter() - started
+    automatic = select_float_activations(
+        ranking, options.auto_float_activations, options.float_activation_budget
+    )
+    float_names = list(dict.fromkeys([*options.float_activations, *automatic]))
+    if float_names:
+        LOGGER.info("activations kept in float: %s", ", ".join(float_names))
+    qparams = without_float_activations(qparams, float_names, prepared.onnx_model)
+    return Analysis(
+        prepared,
+        batches,
+        qparams,
+        macs,
+        kind,
+        sensitivities,
+        hessian_seconds,
+        fp32_bytes,
+        weight_clipping=options.weight_clipping,
+        float_activations=float_names,
+        activation_ranking=ranking,
+        activation_seconds=activation_seconds,
+    )
+
+
+def _rank_activation_tensors(
+    prepared: PreparedModel,
+    closures: Sequence[Callable[[], torch.Tensor]],
+    batches: Sequence[Batch],
+    names: Sequence[str],
+    qparams: Mapping[str, ActivationQParams],
+    options: QuantizeOptions,
+) -> list[ActivationSensitivity]:
+    """Rank the calibrated activation tensors by Tr(H_a) * scale^2 / 12 when the options ask."""
+    if not options.ranks_activations:
+        return []
+    # Only the activations are differentiated here; the weights' graph would cost time.
+    for weight in prepared.weights:
+        weight.requires_grad_(False)
+    try:
+        traces = activation_traces(
+            prepared.module,
+            closures,
+            [b.size for b in batches],
+            names,
+            options.hessian.probes,
+            options.hessian.seed + 2,
+        )
+    finally:
+        for weight in prepared.weights:
+            weight.requires_grad_(True)
+    return rank_activations(traces, qparams)
 
 
 def choose_bits(analysis: Analysis, options: QuantizeOptions) -> BitAllocation:
@@ -675,7 +797,9 @@ def export_configuration(analysis: Analysis, bits: Sequence[int], out_path: str 
     prepared = analysis.prepared
 
     float_model = _write_back_weights(prepared)
-    qdq = build_qdq_model(float_model, prepared.layers, list(bits), analysis.qparams)
+    qdq = build_qdq_model(
+        float_model, prepared.layers, list(bits), analysis.qparams, analysis.weight_clipping
+    )
     export = write_qdq_model(qdq, out_path)
 
     # The reference is the original float model, also after fine-tuning.
@@ -683,7 +807,7 @@ def export_configuration(analysis: Analysis, bits: Sequence[int], out_path: str 
     quantized = onnxruntime_outputs(out_path, analysis.batches)
     set_activation_quantization(prepared, analysis.qparams)
     try:
-        with quantized_weights(prepared, bits), torch.no_grad():
+        with quantized_weights(prepared, bits, analysis.weight_clipping), torch.no_grad():
             emulated = np.concatenate(
                 [_first_output(prepared.module(**_torch_feeds(b))).numpy() for b in analysis.batches]
             )
@@ -761,6 +885,7 @@ def quantize(
                 options.finetune_lr,
                 options.seed,
                 names=[layer.node_name for layer in prepared.layers],
+                clipping=options.weight_clipping,
             )
         finally:
             set_activation_quantization(prepared, None)
@@ -779,6 +904,8 @@ def quantize(
         macs=analysis.macs,
         options=options,
         layer_ops=[layer.op_type for layer in analysis.prepared.layers],
+        float_activations=analysis.float_activations,
+        activation_ranking=analysis.activation_ranking,
     )
     LOGGER.info(
         "wrote %s: %.1f kB, weights %.2f%% of FP32, top-1 agreement %s",

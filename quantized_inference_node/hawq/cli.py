@@ -40,6 +40,13 @@ def _int_list(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated tensor names, got {text!r}")
+    return names
+
+
 def _float_list(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -105,6 +112,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iterations", type=int, default=100, help="power-iteration cap (default 100)")
     parser.add_argument(
         "--tolerance", type=float, default=1e-3, help="power-iteration relative tolerance (default 1e-3)"
+    )
+    parser.add_argument(
+        "--trace-method",
+        default="joint",
+        choices=["joint", "per_layer"],
+        help="Hutchinson traces: joint (one Hessian-vector product per probe for all layers; "
+        "default) or per_layer (one per layer per probe)",
+    )
+    parser.add_argument(
+        "--skip-eigenvalues",
+        action="store_true",
+        help="skip the per-layer power iteration (the allocation uses the traces only; "
+        "the report then has no eigenvalues)",
+    )
+    parser.add_argument(
+        "--weight-clipping",
+        default="mse",
+        choices=["mse", "max_abs"],
+        help="weight scales of 2..4-bit layers: mse (clip ratio minimising the rounding error; "
+        "default) or max_abs",
+    )
+    parser.add_argument(
+        "--float-activations",
+        type=_name_list,
+        default=(),
+        metavar="NAME,...",
+        help="activation tensors (ONNX names) to keep in float",
+    )
+    parser.add_argument(
+        "--auto-float-activations",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also keep the K activation tensors with the largest Hessian trace x rounding "
+        "noise in float (default 0)",
+    )
+    parser.add_argument(
+        "--float-activation-budget",
+        type=float,
+        metavar="F",
+        help="also keep top-ranked activation tensors in float until the rest carry at most "
+        "the fraction F of the total activation score",
     )
     parser.add_argument(
         "--loss",
@@ -200,8 +249,17 @@ def main(argv: list[str] | None = None) -> int:
             percentile=args.percentile,
             loss=args.loss,
             hessian=HessianSettings(
-                max_iterations=args.iterations, tolerance=args.tolerance, probes=args.probes, seed=args.seed
+                max_iterations=args.iterations,
+                tolerance=args.tolerance,
+                probes=args.probes,
+                seed=args.seed,
+                trace_method=args.trace_method,
+                eigenvalues=not args.skip_eigenvalues,
             ),
+            weight_clipping=args.weight_clipping,
+            float_activations=args.float_activations,
+            auto_float_activations=args.auto_float_activations,
+            float_activation_budget=args.float_activation_budget,
             finetune_epochs=args.finetune_epochs,
             seed=args.seed,
             show_progress=True,

@@ -8,6 +8,12 @@ kernels for uint8 activations, so a tensor that can be negative gets an
 asymmetric uint8 range with a zero point, and a non-negative tensor (after ReLU)
 gets zero point 0, which also reproduces the ReLU's clamp exactly.
 
+Weight scales of 2-, 3- and 4-bit layers come from MSE clipping by default: per
+channel, the clipping range is the ratio of the largest magnitude (from a small
+grid) that minimises ||Q(W) - W||^2. With few levels, max-abs scaling spends them
+on rare large weights and rounds the bulk to zero; a narrower range trades some
+clipping error on those for finer steps on the rest. 8-bit scales stay max-abs.
+
 The numpy and torch versions compute the same numbers, so the torch fake-quant
 model predicts what onnxruntime computes on the exported QDQ model.
 """
@@ -24,6 +30,24 @@ ACTIVATION_QMIN = 0
 ACTIVATION_QMAX = 255
 # A scale below this would divide by (almost) zero for an all-zero channel.
 MIN_SCALE = 1e-12
+
+
+#: Clip ratios (of each channel's largest magnitude) tried by MSE clipping.
+CLIP_RATIOS = tuple(float(r) for r in np.round(np.linspace(1.0, 0.2, 17), 4))
+#: Widest weight grid that gets MSE clipping; wider grids use max-abs scales.
+MSE_CLIPPING_MAX_BITS = 4
+
+
+class WeightClipping(str, Enum):
+    """How a weight channel's quantization range is chosen.
+
+    MAX_ABS: the channel's largest magnitude maps to the largest level.
+    MSE: for 2..4 bits, the ratio from CLIP_RATIOS minimising the channel's squared
+    rounding plus clipping error; max-abs for wider grids.
+    """
+
+    MAX_ABS = "max_abs"
+    MSE = "mse"
 
 
 class RangeMethod(str, Enum):
@@ -63,24 +87,68 @@ class WeightQuantization:
         return self.q.astype(np.float32) * self.scale.reshape(shape)
 
 
-def quantize_weight_np(weight: np.ndarray, bits: int, axis: int) -> WeightQuantization:
-    """Quantize a float weight symmetrically per channel along AXIS.
+def weight_scales(
+    weight: np.ndarray, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MSE
+) -> np.ndarray:
+    """Return the per-channel scales (float32, shape (channels,)) of a symmetric weight grid.
+
+    The numpy and torch quantizers both take their scales from here, so the
+    exported integers and the torch emulation use identical grids.
 
     Raises:
-        ValueError: when bits is outside 2..8 or axis is not an axis of weight.
+        ValueError: when bits is outside 2..8, axis is not an axis of weight, or the
+            clipping method is unknown.
     """
     if not -weight.ndim <= axis < weight.ndim:
         raise ValueError(f"channel axis {axis} is not an axis of a {weight.ndim}-D weight")
+    try:
+        clipping = WeightClipping(clipping)
+    except ValueError:
+        choices = ", ".join(c.value for c in WeightClipping)
+        raise ValueError(f"unknown weight clipping {clipping!r}; use one of {choices}") from None
+    qmax = weight_qmax(bits)
+    rows = np.moveaxis(np.asarray(weight, dtype=np.float32), axis % weight.ndim, 0)
+    rows = rows.reshape(rows.shape[0], -1)
+    absmax = np.abs(rows).max(axis=1)
+    scale = np.maximum(absmax / qmax, MIN_SCALE).astype(np.float32)
+    if clipping is WeightClipping.MAX_ABS or bits > MSE_CLIPPING_MAX_BITS:
+        return scale
+
+    # Grid search per channel; ties keep the wider range (ratios run from 1 down).
+    best_error = _rounding_error(rows, scale, qmax)
+    for ratio in CLIP_RATIOS[1:]:
+        candidate = np.maximum(absmax * np.float32(ratio) / qmax, MIN_SCALE).astype(np.float32)
+        error = _rounding_error(rows, candidate, qmax)
+        better = error < best_error
+        scale = np.where(better, candidate, scale)
+        best_error = np.where(better, error, best_error)
+    return scale
+
+
+def _rounding_error(rows: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
+    """Return ||Q(w) - w||^2 per row (channel) for the given scales, in float64."""
+    q = np.clip(np.round(rows / scale[:, None]), -qmax, qmax)
+    return ((q * scale[:, None] - rows).astype(np.float64) ** 2).sum(axis=1)
+
+
+def quantize_weight_np(
+    weight: np.ndarray, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MSE
+) -> WeightQuantization:
+    """Quantize a float weight symmetrically per channel along AXIS.
+
+    Args:
+        weight: Float weight.
+        bits: Bit width, 2..8.
+        axis: Output-channel axis.
+        clipping: MSE (default; max-abs above 4 bits) or MAX_ABS scales.
+
+    Raises:
+        ValueError: when bits is outside 2..8, axis is not an axis of weight, or the
+            clipping method is unknown.
+    """
+    scale = weight_scales(weight, bits, axis, clipping)
     axis = axis % weight.ndim
     qmax = weight_qmax(bits)
-
-    reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
-    absmax = (
-        np.abs(weight.astype(np.float32)).max(axis=reduce_axes)
-        if reduce_axes
-        else np.abs(weight.astype(np.float32))
-    )
-    scale = np.maximum(absmax / qmax, MIN_SCALE).astype(np.float32)
 
     shape = [1] * weight.ndim
     shape[axis] = -1
@@ -100,29 +168,32 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
-def fake_quantize_weight(weight: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
+def fake_quantize_weight(
+    weight: torch.Tensor, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MSE
+) -> torch.Tensor:
     """Return Q_b(weight) as float, per-channel symmetric, with a straight-through gradient.
 
-    The scale is computed from the detached weight so that quantization-aware
-    fine-tuning moves the weights, not the grid.
+    The scale is computed from the detached weight (by :func:`weight_scales`, as in
+    the export) so that quantization-aware fine-tuning moves the weights, not the grid.
     """
     axis = axis % weight.ndim
     qmax = weight_qmax(bits)
 
-    reduce_axes = [i for i in range(weight.ndim) if i != axis]
-    absmax = (
-        weight.detach().abs().amax(dim=reduce_axes, keepdim=True) if reduce_axes else (weight.detach().abs())
-    )
-    scale = torch.clamp(absmax.float() / qmax, min=MIN_SCALE).to(weight.dtype)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    scales = weight_scales(weight.detach().float().cpu().numpy(), bits, axis, clipping)
+    scale = torch.from_numpy(scales).reshape(shape).to(weight.dtype)
 
     q = torch.clamp(_RoundSTE.apply(weight / scale), -qmax, qmax)
     return q * scale
 
 
-def weight_quantization_error(weight: torch.Tensor, bits: int, axis: int) -> float:
+def weight_quantization_error(
+    weight: torch.Tensor, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MSE
+) -> float:
     """Return ||Q_b(W) - W||^2, the squared Frobenius norm of the quantization error."""
     with torch.no_grad():
-        return float(((fake_quantize_weight(weight, bits, axis) - weight) ** 2).sum())
+        return float(((fake_quantize_weight(weight, bits, axis, clipping) - weight) ** 2).sum())
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .fake_quant import fake_quantize_weight
+from .fake_quant import WeightClipping, fake_quantize_weight
 
 LOGGER = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ def finetune(
     lr: float,
     seed: int = 0,
     names: Sequence[str] | None = None,
+    clipping: WeightClipping | str = WeightClipping.MSE,
 ) -> None:
     """Fine-tune the weights in place; on return they hold the float (shadow) values.
 
@@ -45,6 +46,7 @@ def finetune(
         lr: Adam learning rate.
         seed: Seed of torch's global generator during fine-tuning.
         names: Layer names for the log.
+        clipping: How the weight scales are chosen (as in the analysis and export).
 
     Raises:
         ValueError: when the sequences differ in length, ORDER is not a permutation of
@@ -71,7 +73,7 @@ def finetune(
             for loss_fn in losses:
                 with torch.no_grad():
                     for w, s, axis, b in zip(weights, shadows, channel_axes, bits, strict=True):
-                        w.copy_(fake_quantize_weight(s, b, axis))
+                        w.copy_(fake_quantize_weight(s, b, axis, clipping))
                 grads = torch.autograd.grad(loss_fn(), [weights[i] for i in active])
                 optimizer.zero_grad()
                 for shadow, grad in zip(trainable, grads, strict=True):

@@ -6,6 +6,16 @@ Hessian is never formed. Each layer's block H_i (the second derivatives with
 respect to that layer's weight only) is analysed; cross-layer blocks are ignored,
 as in HAWQ.
 
+Traces are estimated jointly by default: one full Hessian-vector product per
+probe, with a Rademacher vector v over all layers' weights at once, gives
+v_i . (H v)_i for every layer i. Its mean is Tr(H_ii), since the cross terms
+v_i . H_ij v_j (j != i) average to zero for independent probe entries, so the
+estimate stays unbiased at the cost of one product per probe instead of one per
+layer per probe; the cross terms only add variance. The per-layer estimator
+(``TraceMethod.PER_LAYER``) has no cross-layer variance and is kept for checks.
+Power iteration still needs one product per layer per step; skip it
+(``eigenvalues=False``) when only traces are needed, as in HAWQ v2/v3's Omega.
+
 The Hessian is the one of the calibration set's mean loss: each product is
 summed over the calibration batches, weighted by batch size, and each batch's
 graph is freed before the next one is built, so memory stays at one batch's
@@ -18,6 +28,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import NamedTuple
 
 import torch
@@ -32,6 +43,17 @@ class LayerNotInLossError(ValueError):
     """A layer's weight does not influence the loss, so it has no Hessian."""
 
 
+class TraceMethod(str, Enum):
+    """Hutchinson estimator of the per-layer traces.
+
+    JOINT: one full Hessian-vector product per probe serves all layers.
+    PER_LAYER: one block product per layer per probe (no cross-layer variance).
+    """
+
+    JOINT = "joint"
+    PER_LAYER = "per_layer"
+
+
 @dataclass(frozen=True)
 class HessianSettings:
     """Settings of the curvature estimates (one source of defaults for API and CLI).
@@ -42,12 +64,18 @@ class HessianSettings:
             between two steps is below this.
         probes: Rademacher probes per batch for Hutchinson's trace estimate.
         seed: Seed of the random start vectors and probes.
+        trace_method: Joint (one product per probe) or per-layer trace estimates.
+        eigenvalues: Run the power iteration for the top eigenvalues (HAWQ v1's
+            ordering and the fine-tuning order); without it they are NaN and the
+            analysis costs only the trace probes.
     """
 
     max_iterations: int = 100
     tolerance: float = 1e-3
     probes: int = 50
     seed: int = 0
+    trace_method: TraceMethod = TraceMethod.JOINT
+    eigenvalues: bool = True
 
     def __post_init__(self) -> None:
         if self.max_iterations < 1:
@@ -56,6 +84,13 @@ class HessianSettings:
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
         if self.probes < 1:
             raise ValueError(f"probes must be >= 1, got {self.probes}")
+        try:
+            object.__setattr__(self, "trace_method", TraceMethod(self.trace_method))
+        except ValueError:
+            choices = ", ".join(m.value for m in TraceMethod)
+            raise ValueError(
+                f"unknown trace_method {self.trace_method!r}; use one of {choices}"
+            ) from None
 
 
 class EigenEstimate(NamedTuple):
@@ -73,7 +108,8 @@ class LayerCurvature:
     Attributes:
         name: Layer name.
         num_params: Number of weight entries n_i.
-        top_eigenvalue: Eigenvalue of largest magnitude of the Hessian block.
+        top_eigenvalue: Eigenvalue of largest magnitude of the Hessian block (NaN
+            when the power iteration was skipped).
         trace: Trace of the Hessian block (Hutchinson estimate).
         iterations: Power-iteration steps taken.
         converged: Whether the tolerance was met before the iteration cap.
@@ -237,8 +273,9 @@ def hutchinson_traces(
 ) -> list[float]:
     """Trace of each layer's Hessian block, E[v^T H v] over Rademacher probes v.
 
-    Each probe is a per-layer product H_ii v_i, so the estimate has no
-    cross-layer noise.
+    With ``TraceMethod.PER_LAYER`` each probe is a per-layer product H_ii v_i, so
+    the estimate has no cross-layer noise; with ``TraceMethod.JOINT`` one product
+    H v over all layers serves every layer (see the module docstring).
 
     Args: as in :func:`top_eigenvalues`.
 
@@ -256,6 +293,12 @@ def hutchinson_traces(
     bar = tqdm(total=len(losses), desc="Hessian traces", unit="batch", disable=not show_progress)
     for loss_fn, bw in zip(losses, batch_weights, strict=True):
         grads = _first_order_grads(loss_fn(), weights, names)
+        if settings.trace_method is TraceMethod.JOINT:
+            for i, value in enumerate(_joint_probe_means(grads, weights, settings.probes, generator)):
+                traces[i] += bw * value
+            del grads
+            bar.update(1)
+            continue
         for i, w in enumerate(weights):
             total = 0.0
             for _ in range(settings.probes):
@@ -266,6 +309,37 @@ def hutchinson_traces(
         bar.update(1)
     bar.close()
     return traces
+
+
+def _joint_probe_means(
+    grads: Sequence[torch.Tensor | None],
+    weights: Sequence[torch.Tensor],
+    probes: int,
+    generator: torch.Generator,
+) -> list[float]:
+    """Return the mean over PROBES of v_i . (H v)_i per layer, one full product per probe.
+
+    Layers whose gradient has no graph (zero Hessian) are left out of the product
+    and get 0.
+    """
+    curved = [i for i, g in enumerate(grads) if g is not None]
+    sums = [0.0] * len(weights)
+    if not curved:
+        return sums
+    for _ in range(probes):
+        # Probes for every layer keep the random stream independent of which layers are curved.
+        vectors = [torch.randint(0, 2, w.shape, generator=generator).to(w.dtype) * 2 - 1 for w in weights]
+        products = torch.autograd.grad(
+            [grads[i] for i in curved],
+            [weights[i] for i in curved],
+            grad_outputs=[vectors[i] for i in curved],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for i, hv in zip(curved, products, strict=True):
+            if hv is not None:
+                sums[i] += float((hv.detach() * vectors[i]).sum())
+    return [total / probes for total in sums]
 
 
 def layer_curvatures(
@@ -290,7 +364,10 @@ def layer_curvatures(
     if len(losses) != len(batch_sizes):
         raise ValueError(f"{len(losses)} loss closures for {len(batch_sizes)} batch sizes")
 
-    eigen = top_eigenvalues(losses, batch_sizes, weights, names, settings, show_progress)
+    if settings.eigenvalues:
+        eigen = top_eigenvalues(losses, batch_sizes, weights, names, settings, show_progress)
+    else:
+        eigen = [EigenEstimate(math.nan, 0, False)] * len(weights)
     traces = hutchinson_traces(losses, batch_sizes, weights, names, settings, show_progress)
 
     return [

@@ -33,7 +33,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .fake_quant import ActivationQParams, RangeMethod, RangeObserver, quantize_weight_np
+from .fake_quant import (
+    ActivationQParams,
+    RangeMethod,
+    RangeObserver,
+    WeightClipping,
+    quantize_weight_np,
+)
 from .onnx_to_torch import QuantizableNode
 
 LOGGER = logging.getLogger(__name__)
@@ -295,6 +301,7 @@ def build_qdq_model(
     layers: Sequence[OnnxLayer],
     bits: Sequence[int],
     qparams: Mapping[str, ActivationQParams],
+    weight_clipping: WeightClipping | str = WeightClipping.MSE,
 ) -> onnx.ModelProto:
     """Return the QDQ model: quantized weights, int32 biases and activation QDQ pairs.
 
@@ -302,7 +309,9 @@ def build_qdq_model(
         model: Float model with BatchNorm folded and named nodes.
         layers: Its quantizable layers (from :func:`find_layers`).
         bits: Weight bits per layer, each 2..8.
-        qparams: uint8 parameters per activation tensor, pass-through outputs included.
+        qparams: uint8 parameters per activation tensor, pass-through outputs included;
+            a tensor without an entry stays float.
+        weight_clipping: How the weight scales are chosen (as in the analysis).
 
     Raises:
         ExportError: when the opset cannot be upgraded or a weight is shared.
@@ -344,7 +353,7 @@ def build_qdq_model(
             )
         node = by_name[layer.node_name]
         w = numpy_helper.to_array(inits[layer.weight]).astype(np.float32)
-        wq = quantize_weight_np(w, b, layer.channel_axis)
+        wq = quantize_weight_np(w, b, layer.channel_axis, weight_clipping)
         q_name = f"{layer.weight}_quantized"
         # int4 holds -7..7, the narrow range of 4 bits and fewer; wider grids need int8.
         if b > 4:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,11 @@ def report_dict(result: QuantizeResult) -> dict:
     options = dataclasses.asdict(result.options)
     options["activation_range"] = result.options.activation_range.value
     options["loss"] = result.options.loss.value
+    options["weight_clipping"] = result.options.weight_clipping.value
+    options["hessian"]["trace_method"] = result.options.hessian.trace_method.value
+    options["float_activations"] = list(result.options.float_activations)
     fid = result.fidelity
+    float_set = set(result.float_activations)
     return {
         "summary": {
             "output": str(result.export.path),
@@ -46,8 +51,8 @@ def report_dict(result: QuantizeResult) -> dict:
                 "op_type": op,
                 "parameters": s.num_params,
                 "macs": macs,
-                "top_eigenvalue": s.top_eigenvalue,
-                "eigenvalue_per_parameter": s.v1_key,
+                "top_eigenvalue": _finite(s.top_eigenvalue),
+                "eigenvalue_per_parameter": _finite(s.v1_key),
                 "trace": s.trace,
                 "trace_per_parameter": s.trace / s.num_params,
                 "quantization_error": {str(b): e for b, e in s.quant_error.items()},
@@ -62,7 +67,25 @@ def report_dict(result: QuantizeResult) -> dict:
                 strict=True,
             )
         ],
+        "activations": {
+            "float": list(result.float_activations),
+            "ranking": [
+                {
+                    "name": a.name,
+                    "trace": a.trace,
+                    "scale": a.scale,
+                    "score": a.score,
+                    "float": a.name in float_set,
+                }
+                for a in result.activation_ranking
+            ],
+        },
     }
+
+
+def _finite(value: float) -> float | None:
+    """Return VALUE, or None for NaN (eigenvalues skipped), which JSON cannot hold."""
+    return None if math.isnan(value) else value
 
 
 def _fmt(value: float | None, pattern: str = "{:.4f}") -> str:
@@ -95,9 +118,33 @@ def report_markdown(data: dict) -> str:
         omegas = " | ".join(f"{o:.3e}" for o in layer["omega"].values())
         lines.append(
             f"| {layer['name']} | {layer['op_type']} | {layer['parameters']} | "
-            f"{layer['top_eigenvalue']:.3e} | {layer['eigenvalue_per_parameter']:.3e} | "
+            f"{_fmt(layer['top_eigenvalue'], '{:.3e}')} | "
+            f"{_fmt(layer['eigenvalue_per_parameter'], '{:.3e}')} | "
             f"{layer['trace_per_parameter']:.3e} | {omegas} | {layer['bits']} |"
         )
+
+    activations = data.get("activations", {})
+    floats = activations.get("float", [])
+    lines += [
+        "",
+        "## Activations",
+        "",
+        f"Kept in float ({len(floats)}): " + (", ".join(f"`{n}`" for n in floats) or "none") + ".",
+    ]
+    ranking = activations.get("ranking", [])
+    if ranking:
+        lines += [
+            "",
+            "Ranked by Tr(H_a)·scale²/12 (expected loss increase from uint8 rounding):",
+            "",
+            "| rank | tensor | Tr(H_a) | scale | score | float |",
+            "|---:|---|---:|---:|---:|---|",
+        ]
+        for rank, row in enumerate(ranking[:20], start=1):
+            lines.append(
+                f"| {rank} | `{row['name']}` | {row['trace']:.3e} | {row['scale']:.3e} | "
+                f"{row['score']:.3e} | {'yes' if row['float'] else 'no'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -112,9 +159,10 @@ def plot_sensitivity(data: dict, path: Path) -> None:
     x = range(len(layers))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.4 * len(layers)), 6), sharex=True)
     top.semilogy(x, [max(abs(la["trace_per_parameter"]), 1e-30) for la in layers], "o-", label="Tr(H)/n")
-    top.semilogy(
-        x, [max(abs(la["eigenvalue_per_parameter"]), 1e-30) for la in layers], "s--", label="λ_max/n"
-    )
+    if all(la["eigenvalue_per_parameter"] is not None for la in layers):
+        top.semilogy(
+            x, [max(abs(la["eigenvalue_per_parameter"]), 1e-30) for la in layers], "s--", label="λ_max/n"
+        )
     top.set_ylabel("sensitivity")
     top.legend()
     bottom.bar(x, [la["bits"] for la in layers], color="tab:green")

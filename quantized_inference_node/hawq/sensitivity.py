@@ -8,12 +8,13 @@ the report.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .fake_quant import weight_quantization_error
+from .fake_quant import WeightClipping, weight_quantization_error
 from .hessian import LayerCurvature
 
 
@@ -43,7 +44,13 @@ class LayerSensitivity:
         return self.top_eigenvalue / self.num_params
 
     def finetune_key(self, bits: int) -> float:
-        """HAWQ v1's fine-tuning order key lambda_i * ||Q_b(W_i) - W_i||^2."""
+        """HAWQ v1's fine-tuning order key lambda_i * ||Q_b(W_i) - W_i||^2.
+
+        Without eigenvalues (skipped in the analysis) the mean eigenvalue
+        Tr(H_i) / n_i stands in for lambda_i, which gives Omega_i(b).
+        """
+        if math.isnan(self.top_eigenvalue):
+            return self.omega[bits]
         return self.top_eigenvalue * self.quant_error[bits]
 
 
@@ -52,6 +59,7 @@ def layer_sensitivities(
     weights: Sequence[torch.Tensor],
     channel_axes: Sequence[int],
     bit_widths: Sequence[int],
+    clipping: WeightClipping | str = WeightClipping.MSE,
 ) -> list[LayerSensitivity]:
     """Return Omega_i(b) for every layer and candidate bit width.
 
@@ -60,6 +68,7 @@ def layer_sensitivities(
         weights: The layers' float weights, in the same order.
         channel_axes: Output-channel axis of each weight (per-channel scales).
         bit_widths: Candidate weight bit widths, each in 2..8.
+        clipping: How the weight scales are chosen (the export must use the same).
 
     Raises:
         ValueError: when the sequences differ in length or a bit width is out of range.
@@ -72,7 +81,7 @@ def layer_sensitivities(
 
     result = []
     for curvature, weight, axis in zip(curvatures, weights, channel_axes, strict=True):
-        errors = {b: weight_quantization_error(weight, b, axis) for b in bit_widths}
+        errors = {b: weight_quantization_error(weight, b, axis, clipping) for b in bit_widths}
         result.append(
             LayerSensitivity(
                 name=curvature.name,

@@ -106,8 +106,8 @@ class _FrameRefs:
 def decode_image(message: Any, allowed: tuple[str, ...] = tuple(IMAGE_ENCODINGS)) -> np.ndarray:
     """Return the pixels of a sensor_msgs/Image (rosbags message) as a (H, W[, 3]) array.
 
-    Decoded by :func:`surfel_mapping_node.image_encoding.decode_pixels` (row padding
-    skipped, big-endian data byte-swapped); color comes back as RGB (BGR reordered,
+    :func:`surfel_mapping_node.image_encoding.decode_pixels` decodes it: row padding is
+    skipped and big-endian data byte-swapped. Color comes back as RGB (BGR reordered,
     alpha dropped), gray and depth unchanged.
 
     Args:
