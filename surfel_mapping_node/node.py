@@ -2,7 +2,7 @@
 
 Subscribes to these topics. All are remappable, and names are relative to the node's
 namespace:
-    rgbd, depth_only:  image (mono8, rgb8, bgr8), depth (16UC1/mono16 in units of
+    rgbd, depth_only:  image (mono8, rgb8, bgr8, 8UC1, 8UC3, rgba8, bgra8), depth (16UC1/mono16 in units of
                        ``depth.depth_scale`` metres, millimetres per REP 118 by default,
                        or 32FC1 metres; depth_only takes 32FC1 only), camera_info
     stereo:            left/image_rect, right/image_rect, left/camera_info,

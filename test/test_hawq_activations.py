@@ -60,10 +60,11 @@ def test_activation_trace_matches_the_exact_hessian_of_a_linear_model() -> None:
     traces = activation_traces(prepared.module, closures, [6, 4], ["h", "y"], probes=200, seed=0)
 
     # L = mean over N*K entries of (h W2^T - t)^2: the Hessian in h is 2/(N K) (I_N kron W2^T W2),
-    # whose trace is 2 ||W2||_F^2 / K for every batch; in y it is 2/(N K) I, trace 2.
+    # whose trace is 2 ||W2||_F^2 / K for every batch; in y it is 2/(N K) I, trace 2. The joint
+    # probes add zero-mean cross terms (h and y are coupled), so both get Hutchinson's 5 %.
     k = w2.shape[0]
     np.testing.assert_allclose(traces["h"], 2 * np.sum(w2.astype(np.float64) ** 2) / k, rtol=0.05)
-    np.testing.assert_allclose(traces["y"], 2.0, rtol=1e-5)
+    np.testing.assert_allclose(traces["y"], 2.0, rtol=0.05)
 
 
 def test_ranking_and_selection_by_count_and_budget() -> None:
