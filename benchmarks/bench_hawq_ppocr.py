@@ -13,11 +13,13 @@ Compared, on the same inputs in one run:
    activations, MinMax calibration) on the opset-12 model as shipped, then after
    upgrading it to opset 13. Constant nodes are first moved into initializers;
    without that, ``quantize_static`` treats the weights as activations.
-3. HAWQ: per-layer Hessian traces of a distillation loss choose 4 or 8 bits per
-   layer under a weight budget (default 1/5 of the FP32 weight bytes). Activation
-   traces (HAWQ-V2) rank the uint8 activation tensors by their expected loss increase
-   Tr(H_a) * scale^2 / 12. The top-ranked ones stay float: the smallest count from a
-   fixed ladder whose pooled IoU on the calibration crops reaches the target.
+3. HAWQ: per-layer Hessian traces of a distillation loss (joint Hutchinson
+   estimator, no power iteration) choose the bits per layer (default 4 or 8, MSE
+   weight clipping) under a weight budget (default 1/5 of the FP32 weight bytes).
+   Activation traces (HAWQ-V2) rank the uint8 activation tensors by their expected
+   loss increase Tr(H_a) * scale^2 / 12. The top-ranked ones stay float (the tool's
+   float-activation option): the smallest count from a fixed ladder whose pooled
+   IoU on the calibration crops reaches the target.
 
 Run from the repository root::
 
@@ -38,7 +40,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import cv2
@@ -50,10 +51,17 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from quantized_inference_node.hawq.activation_precision import (
+    ActivationSensitivity,
+    activation_traces,
+    rank_activations,
+    select_float_activations,
+    without_float_activations,
+)
 from quantized_inference_node.hawq.api import LossKind, PreparedModel, make_loss, prepare_model
 from quantized_inference_node.hawq.bit_allocation import allocate_bits, weight_size_bytes
-from quantized_inference_node.hawq.fake_quant import ActivationQParams
-from quantized_inference_node.hawq.hessian import HessianSettings, layer_curvatures
+from quantized_inference_node.hawq.fake_quant import WeightClipping
+from quantized_inference_node.hawq.hessian import HessianSettings, TraceMethod, layer_curvatures
 from quantized_inference_node.hawq.onnx_to_torch import OnnxGraphModule, constants_to_initializers
 from quantized_inference_node.hawq.qdq_export import (
     activation_tensors,
@@ -385,59 +393,6 @@ def distillation_closures(
     return closures
 
 
-def activation_traces(
-    module: OnnxGraphModule,
-    batches: Sequence[np.ndarray],
-    tensor_names: Sequence[str],
-    probes: int,
-    seed: int,
-) -> dict[str, float]:
-    """Return Tr(d^2 L / d a^2) for each named activation a (Hutchinson, HAWQ-V2).
-
-    A zero perturbation is added to every named tensor, the distillation loss is
-    differentiated twice with respect to all perturbations at once, and each probe
-    v gives v_a . (H v)_a per tensor. The cross terms between tensors have zero mean
-    under independent Rademacher probes, so one product per probe serves all tensors.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    traces = dict.fromkeys(tensor_names, 0.0)
-    total = sum(len(batch) for batch in batches)
-
-    for batch in batches:
-        x = torch.from_numpy(batch)
-        with torch.no_grad():
-            teacher = module(x).detach()
-        perturbations: dict[str, torch.Tensor] = {}
-        module.set_activation_transform(
-            {n: partial(_add_zero_perturbation, perturbations, n) for n in tensor_names}
-        )
-        try:
-            loss = make_loss(LossKind.DISTILLATION, module(x), teacher, None)
-            leaves = [perturbations[name] for name in tensor_names]
-            gradients = torch.autograd.grad(loss, leaves, create_graph=True)
-            for _ in range(probes):
-                vectors = [
-                    torch.randint(0, 2, leaf.shape, generator=generator).to(leaf.dtype) * 2 - 1
-                    for leaf in leaves
-                ]
-                products = torch.autograd.grad(
-                    gradients, leaves, grad_outputs=vectors, retain_graph=True
-                )
-                for name, product, vector in zip(tensor_names, products, vectors, strict=True):
-                    traces[name] += float((product * vector).sum()) / probes * len(batch) / total
-        finally:
-            module.set_activation_transform(None)
-    return traces
-
-
-def _add_zero_perturbation(
-    store: dict[str, torch.Tensor], name: str, tensor: torch.Tensor
-) -> torch.Tensor:
-    """Return TENSOR plus a zero leaf tensor, kept in STORE under NAME for autograd."""
-    store[name] = torch.zeros_like(tensor, requires_grad=True)
-    return tensor + store[name]
-
-
 @dataclass
 class HawqResult:
     """The HAWQ model and how it was chosen."""
@@ -447,7 +402,7 @@ class HawqResult:
     size_bytes: float
     fp32_bytes: float
     protected: list[str]
-    ranking: list[tuple[str, float]]
+    ranking: list[ActivationSensitivity]
     ladder: list[tuple[int, float]]
     layer_names: list[str]
     layer_traces: list[float]
@@ -466,21 +421,24 @@ class HawqSettings:
         hessian_crop: side of the crops the Hessian analysis runs on, pixels.
         hessian_samples: crops used by the Hessian analysis.
         hessian_batch: crops per batch of the Hessian analysis.
-        iterations: power-iteration cap per layer; the eigenvalues are reported by the
-            tool but unused here, since the allocation uses the traces.
         probes: Hutchinson probes per batch, for weights and activations.
         target_iou: pooled IoU on the calibration crops the protection must reach.
         seed: seed of the probes.
+        bits: candidate weight bit widths.
+        weight_clipping: weight scales of 2..4-bit layers.
+        trace_method: joint or per-layer Hutchinson traces.
     """
 
     size_ratio: float = 0.2
     hessian_crop: int = 96
     hessian_samples: int = 4
     hessian_batch: int = 4
-    iterations: int = 1
     probes: int = 8
     target_iou: float = 0.95
     seed: int = 0
+    bits: tuple[int, ...] = (4, 8)
+    weight_clipping: WeightClipping = WeightClipping.MSE
+    trace_method: TraceMethod = TraceMethod.JOINT
 
 
 def hawq_quantize(
@@ -506,9 +464,12 @@ def hawq_quantize(
     )
     qparams = propagate_pass_through(prepared.onnx_model, calibration.qparams)
 
-    # Weight Hessian traces, then the 4/8-bit allocation under the budget.
+    # Weight Hessian traces (the allocation needs no eigenvalues), then the bits.
     hessian_settings = HessianSettings(
-        max_iterations=settings.iterations, probes=settings.probes, seed=settings.seed
+        probes=settings.probes,
+        seed=settings.seed,
+        trace_method=settings.trace_method,
+        eigenvalues=False,
     )
     with measure_peak_memory() as hessian_memory:
         curvatures = layer_curvatures(
@@ -519,7 +480,11 @@ def hawq_quantize(
             hessian_settings,
         )
     sensitivities = layer_sensitivities(
-        curvatures, prepared.weights, [layer.channel_axis for layer in layers], (4, 8)
+        curvatures,
+        prepared.weights,
+        [layer.channel_axis for layer in layers],
+        settings.bits,
+        settings.weight_clipping,
     )
     num_params = [layer.num_params for layer in layers]
     fp32_bytes = weight_size_bytes(num_params, [32] * len(layers))
@@ -533,7 +498,12 @@ def hawq_quantize(
         parameter.requires_grad_(False)
     with measure_peak_memory() as activation_memory:
         traces = activation_traces(
-            module, hessian_batches, quantized, settings.probes, settings.seed
+            module,
+            distillation_closures(module, hessian_batches),
+            [len(b) for b in hessian_batches],
+            quantized,
+            settings.probes,
+            settings.seed,
         )
     ranking = rank_activations(traces, qparams)
 
@@ -543,9 +513,11 @@ def hawq_quantize(
     references = run_batched(float_session, crops)
     ladder: list[tuple[int, float]] = []
     for count in PROTECTION_LADDER:
-        protected = {name for name, _ in ranking[:count]}
-        kept = without_protected(qparams, protected, prepared.onnx_model)
-        qdq = build_qdq_model(prepared.onnx_model, layers, allocation.bits, kept)
+        protected = select_float_activations(ranking, count)
+        kept = without_float_activations(qparams, protected, prepared.onnx_model)
+        qdq = build_qdq_model(
+            prepared.onnx_model, layers, allocation.bits, kept, settings.weight_clipping
+        )
         candidate = folder / f"hawq_protect{count}.onnx"
         write_qdq_model(qdq, candidate)
         score = pooled_iou(run_batched(make_session(candidate), crops), references)
@@ -564,7 +536,7 @@ def hawq_quantize(
         bits=list(allocation.bits),
         size_bytes=allocation.size_bytes,
         fp32_bytes=fp32_bytes,
-        protected=[name for name, _ in ranking[:chosen]],
+        protected=select_float_activations(ranking, chosen),
         ranking=ranking,
         ladder=ladder,
         layer_names=[layer.node_name for layer in layers],
@@ -574,30 +546,6 @@ def hawq_quantize(
         quantized_activations=len(quantized),
         model=prepared.onnx_model,
     )
-
-
-def rank_activations(
-    traces: Mapping[str, float], qparams: Mapping[str, ActivationQParams]
-) -> list[tuple[str, float]]:
-    """Return (tensor, Tr(H_a) * scale^2 / 12) pairs, largest expected loss increase first.
-
-    scale^2 / 12 is the variance of uniform rounding noise on the uint8 grid, so the
-    score is the second-order loss increase of quantizing that tensor alone.
-    """
-    scores = {name: trace * qparams[name].scale**2 / 12 for name, trace in traces.items()}
-    return sorted(scores.items(), key=lambda item: item[1], reverse=True)
-
-
-def without_protected(
-    qparams: Mapping[str, ActivationQParams], protected: set[str], model: onnx.ModelProto
-) -> dict[str, ActivationQParams]:
-    """Return QPARAMS without the protected tensors and the pass-through copies of them."""
-    kept = {name: params for name, params in qparams.items() if name not in protected}
-    for node in model.graph.node:
-        if node.input and node.input[0] in protected and node.output[0] in kept:
-            if qparams[node.output[0]] == qparams[node.input[0]]:
-                kept.pop(node.output[0])
-    return kept
 
 
 def describe_tensor(model: onnx.ModelProto, name: str) -> str:
@@ -671,8 +619,9 @@ def format_report(
         f"longer side of {args.max_side} px (sides multiples of 32, BGR, mean/std 0.5). "
         f"Calibration: {args.crops} random {args.crop_size}-px crops of the same images. "
         f"Hessian analysis on {hawq_settings(args).hessian_samples} crops of "
-        f"{hawq_settings(args).hessian_crop} px, {args.iterations} power iterations, "
-        f"{args.probes} Hutchinson probes.",
+        f"{hawq_settings(args).hessian_crop} px, {args.probes} Hutchinson probes "
+        f"({args.trace_method} traces, no power iteration); weight scales: "
+        f"{args.weight_clipping} clipping for 2..4-bit layers.",
         "",
         "| image | FP32 text px | " + " | ".join(labels) + " |",
         "|---|---|" + "---|" * len(labels),
@@ -702,10 +651,9 @@ def format_report(
         status = "loads and runs" if run.error is None else f"fails: `{run.error}`"
         lines.append(f"- opset {run.opset}: {status}")
 
-    eight_bit = sum(1 for b in hawq.bits if b == 8)
     lines += [
         "",
-        f"HAWQ weights: {eight_bit} of {len(hawq.bits)} layers at 8 bits, the rest at 4; "
+        f"HAWQ weights: bits {bit_counts(hawq.bits)} (layers per width); "
         f"{hawq.size_bytes / 1e6:.3f} MB of {hawq.fp32_bytes / 1e6:.3f} MB FP32 "
         f"({hawq.size_bytes / hawq.fp32_bytes:.3f} of FP32; budget {args.size_ratio}).",
         f"Highest weight traces Tr(H)/n (kept at 8 bits: "
@@ -719,10 +667,10 @@ def format_report(
         "|---|---|---|---|---|",
     ]
     protected = set(hawq.protected)
-    for rank, (name, score) in enumerate(hawq.ranking[:10], start=1):
+    for rank, row in enumerate(hawq.ranking[:10], start=1):
         lines.append(
-            f"| {rank} | `{name}` | {describe_tensor(model, name)} | {score:.3e} | "
-            f"{'yes' if name in protected else 'no'} |"
+            f"| {rank} | `{row.name}` | {describe_tensor(model, row.name)} | {row.score:.3e} | "
+            f"{'yes' if row.name in protected else 'no'} |"
         )
 
     fp32_ms = latencies["FP32"]
@@ -743,6 +691,12 @@ def format_report(
     return "\n".join(lines)
 
 
+def bit_counts(bits: Sequence[int]) -> str:
+    """Return 'width: layers' pairs, e.g. '4: 16, 8: 48'."""
+    widths = sorted(set(bits))
+    return ", ".join(f"{width}: {sum(1 for b in bits if b == width)}" for width in widths)
+
+
 def top_layers(hawq: HawqResult, count: int) -> list[str]:
     """Return the COUNT layers with the largest trace per weight, with their bits."""
     order = sorted(
@@ -757,7 +711,9 @@ def hawq_settings(args: argparse.Namespace) -> HawqSettings:
         size_ratio=args.size_ratio,
         hessian_crop=args.hessian_crop,
         hessian_samples=args.hessian_samples,
-        iterations=args.iterations,
+        bits=args.bits,
+        weight_clipping=WeightClipping(args.weight_clipping),
+        trace_method=TraceMethod(args.trace_method),
         probes=args.probes,
         target_iou=args.target_iou,
     )
@@ -776,7 +732,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--size-ratio", type=float, default=defaults.size_ratio)
     parser.add_argument("--hessian-crop", type=int, default=defaults.hessian_crop)
     parser.add_argument("--hessian-samples", type=int, default=defaults.hessian_samples)
-    parser.add_argument("--iterations", type=int, default=defaults.iterations)
+    parser.add_argument(
+        "--bits",
+        type=lambda text: tuple(sorted(int(v) for v in text.split(","))),
+        default=defaults.bits,
+        help="candidate weight bits (default 4,8)",
+    )
+    parser.add_argument(
+        "--weight-clipping",
+        choices=[c.value for c in WeightClipping],
+        default=defaults.weight_clipping.value,
+    )
+    parser.add_argument(
+        "--trace-method", choices=[m.value for m in TraceMethod], default=defaults.trace_method.value
+    )
     parser.add_argument("--probes", type=int, default=defaults.probes)
     parser.add_argument("--target-iou", type=float, default=defaults.target_iou)
     parser.add_argument("--repeats", type=int, default=20, help="latency runs per model")
@@ -785,7 +754,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.max_side, args.crops, args.crop_size, args.repeats = 320, 16, 128, 5
-        args.hessian_samples, args.iterations, args.probes = 4, 1, 2
+        args.hessian_samples, args.probes = 4, 2
         args.no_write = True
     for name in ("max_side", "crops", "crop_size", "hessian_crop", "hessian_samples", "repeats"):
         if getattr(args, name) < 1:
@@ -798,9 +767,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    # With a small iteration cap every layer would warn that its eigenvalue did not
-    # converge; the allocation here uses the traces only.
-    logging.getLogger("quantized_inference_node.hawq.hessian").setLevel(logging.ERROR)
+    # The machine is shared: two threads keep the timings comparable between runs.
+    torch.set_num_threads(2)
     torch.manual_seed(0)
     model_path = detection_model_path()
     float_model = onnx.load(str(model_path))

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = subparsers.add_parser(
         "run",
         help="map a dataset and write map.ply, timing.json and preview.png",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Map a recorded dataset and write map.ply, timing.json, preview.png and config.yaml.",
     )
     run.add_argument("path", type=Path, help="dataset folder (or bag folder for --format bag)")
     run.add_argument("--format", required=True, choices=FORMATS, help="dataset layout")
@@ -44,11 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = subparsers.add_parser(
         "demo",
         help="map the built-in synthetic scene (no download) and write the same outputs as run",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Map the built-in synthetic room; with the 7-Scenes excerpt, also map from a "
+        "single camera with the packaged depth network (OUT/mono/).",
     )
-    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
     demo.add_argument(
-        "--max-frames", type=int, default=120, help="frames to fuse (the monocular part uses at most 60)"
+        "--max-frames",
+        type=int,
+        default=120,
+        help="frames to fuse (default: 120; the monocular part uses at most 60)",
     )
     demo.add_argument(
         "--data",
@@ -75,11 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sequence", default="00", help="KITTI sequence number")
-    parser.add_argument("--out", type=Path, default=Path("out/map"), help="output folder")
-    parser.add_argument("--first", type=int, default=0, help="index of the first frame to fuse")
+    parser.add_argument("--sequence", default="00", help="KITTI sequence number (default: 00)")
+    parser.add_argument("--out", type=Path, default=Path("out/map"), help="output folder (default: out/map)")
+    parser.add_argument("--first", type=int, default=0, help="index of the first frame to fuse (default: 0)")
     parser.add_argument("--max-frames", type=int, default=None, help="fuse at most this many frames")
-    parser.add_argument("--stride", type=int, default=1, help="fuse every K-th frame")
+    parser.add_argument("--stride", type=int, default=1, help="fuse every K-th frame (default: 1)")
     parser.add_argument(
         "--config", type=Path, default=None, help="YAML file with mapper options (see 'surfel-map config')"
     )
@@ -104,8 +108,12 @@ def command_run(args: argparse.Namespace) -> int:
 def command_demo(args: argparse.Namespace) -> int:
     """Map the synthetic room; then, if the 7-Scenes excerpt is present, the monocular demo in OUT/mono."""
     from surfel_mapping_node.config import MapperConfig, preset_for_format
-    from surfel_mapping_node.mono_demo import VALIDATION_FRAMES, run_mono_demo
+    from surfel_mapping_node.mono_demo import VALIDATION_FRAMES, find_seven_scenes, run_mono_demo
 
+    if args.data is not None and find_seven_scenes(args.data) is None:
+        raise FileNotFoundError(
+            f"7-Scenes excerpt not found in --data {args.data}: pass the folder holding 7scenes_redkitchen/"
+        )
     args.first, args.stride, args.sequence = 0, 1, "00"
     config = MapperConfig.from_dict(preset_for_format("synthetic"))
     status = map_dataset(None, "synthetic", config, args)
@@ -116,7 +124,9 @@ def command_demo(args: argparse.Namespace) -> int:
     mono_frames = VALIDATION_FRAMES[: args.max_frames]
     outputs = run_mono_demo(args.data, args.out / "mono", mono_frames)
     if outputs is None:
-        print("monocular demo skipped: 7-Scenes excerpt not found (set --data or SURFEL_SHARED_DATA)")
+        print(
+            "monocular demo skipped: 7-Scenes excerpt not found (pass --data DIR or set SURFEL_SHARED_DATA)"
+        )
         return 0
     comparison = outputs.comparison
     print(
@@ -149,7 +159,6 @@ def map_dataset(path: Path | None, format_name: str, config, args: argparse.Name
     dataset = open_dataset(path, format_name, sequence=args.sequence, config=config)
     indices = select_indices(len(dataset), args.first, args.max_frames, args.stride)
     _prepare_output_dir(out_dir)
-    (out_dir / "config.yaml").write_text(config.to_yaml())
 
     with tqdm(total=len(indices), unit="frame", disable=args.no_progress, dynamic_ncols=True) as bar:
 
@@ -163,6 +172,7 @@ def map_dataset(path: Path | None, format_name: str, config, args: argparse.Name
     write_surfel_ply(out_dir / "map.ply", cloud)
     (out_dir / "timing.json").write_text(json.dumps(result.timing_json(), indent=1))
     write_preview(out_dir / "preview.png", cloud)
+    (out_dir / "config.yaml").write_text(config.to_yaml())
     _print_summary(result.summary(), out_dir)
     return 0
 
@@ -184,6 +194,8 @@ def _print_summary(summary: dict, out_dir: Path) -> None:
     print(f"{'stage':<16}{'median ms':>10}{'p90 ms':>10}")
     for name, values in summary["stages"].items():
         print(f"{name:<16}{values['median_ms']:>10.2f}{values['p90_ms']:>10.2f}")
+    if "stereo_depth" in summary["stages"]:
+        print("total is the mapping stages; stereo_depth (semi-global matching) is timed on its own")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import sys
 import threading
 import time
@@ -726,7 +727,7 @@ def _nearest_stamp(sorted_stamps_ns: np.ndarray, stamp_ns: int) -> int | None:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Run the node until Ctrl-C; exit code 2 when a parameter is invalid."""
+    """Run the node until Ctrl-C or SIGTERM; exit code 2 when a parameter is invalid."""
     # Without rclpy's signal handler Ctrl-C raises KeyboardInterrupt while the context is
     # still valid, so save_on_shutdown can still log.
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
@@ -741,10 +742,13 @@ def main(args: list[str] | None = None) -> int:
         rclpy.try_shutdown()
         return 0
 
+    # ros2 launch and process managers stop nodes with SIGTERM: handle it like Ctrl-C,
+    # so that save_on_shutdown writes the map then too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     executor = MultiThreadedExecutor(num_threads=3)
     try:
         executor.add_node(node)
-        node.get_logger().info("started; Ctrl-C stops the node")
+        node.get_logger().info("started; Ctrl-C or SIGTERM stops the node")
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass

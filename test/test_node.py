@@ -599,7 +599,8 @@ def test_executable_invalid_parameter_exits():
     )
 
 
-def test_ctrl_c_saves_map(tmp_path: Path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_stop_signal_saves_map(tmp_path: Path, stop_signal: int):
     target = tmp_path / "on_exit" / "map.ply"
     env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID))
     command = [sys.executable, "-m", "surfel_mapping_node.node", "--ros-args", "-p", "save_on_shutdown:=true"]
@@ -608,9 +609,9 @@ def test_ctrl_c_saves_map(tmp_path: Path):
     )
     try:
         for line in process.stderr:
-            if "started; Ctrl-C stops the node" in line:
+            if "started; Ctrl-C or SIGTERM stops the node" in line:
                 break
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         _, stderr = process.communicate(timeout=30)
     finally:
         if process.poll() is None:

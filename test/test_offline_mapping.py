@@ -136,3 +136,18 @@ def test_select_indices_rejects_bad_stride():
         select_indices(10, stride=0)
     with pytest.raises(ValueError, match="invalid first frame 12"):
         select_indices(10, first=12)
+
+
+def test_cli_demo_missing_data_is_error(tmp_path):
+    completed = run_cli("demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+
+    assert completed.returncode == 2
+    assert "7-Scenes excerpt not found in --data" in completed.stderr
+    assert not (tmp_path / "o" / "map.ply").exists()
+
+
+def test_cli_bag_format_on_dataset_folder(seven_scenes_dir, tmp_path):
+    completed = run_cli("run", str(seven_scenes_dir), "--format", "bag", "--out", str(tmp_path / "o"))
+
+    assert completed.returncode == 2
+    assert "not a ROS 2 bag folder" in completed.stderr

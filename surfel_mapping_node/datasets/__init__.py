@@ -64,6 +64,11 @@ def open_dataset(
 
         if camera is not None:
             raise ValueError("a bag carries CameraInfo messages: remove the camera section")
+        if path.is_dir() and not (path / "metadata.yaml").is_file():
+            raise FileNotFoundError(
+                f"not a ROS 2 bag folder: {path} has no metadata.yaml; convert a dataset with "
+                "'surfel-map convert' or pass the dataset's own --format"
+            )
         return BagDataset(path)
     raise ValueError(f"unknown dataset format {format_name!r}: use one of {', '.join(FORMATS)}")
 
