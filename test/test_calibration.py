@@ -62,6 +62,17 @@ def test_read_input_specs_keeps_symbolic_and_unknown_dims() -> None:
     assert specs == [InputSpec("image", ("n", 3, None, 64), np.dtype(np.float32))]
 
 
+def test_question_mark_dims_are_independent() -> None:
+    # PaddlePaddle exports name every unknown axis "?": they must not be tied together.
+    model = image_model(["?", 3, "?", "?"])
+
+    specs = read_input_specs(model)
+    data = load_calibration({"image": np.zeros((2, 3, 48, 192), np.float32)}, specs)
+
+    assert specs == [InputSpec("image", (None, 3, None, None), np.dtype(np.float32))]
+    assert data.input_shapes == {"image": (3, 48, 192)}
+
+
 def test_read_input_specs_skips_initializers_listed_as_inputs() -> None:
     model = image_model([1, 3, 8, 8])
     model.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [2]))

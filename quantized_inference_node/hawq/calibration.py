@@ -173,8 +173,9 @@ def read_input_specs(model: onnx.ModelProto | str | Path) -> list[InputSpec]:
         for dim in tensor_type.shape.dim:
             if dim.HasField("dim_value") and dim.dim_value > 0:
                 shape.append(int(dim.dim_value))
-            elif dim.HasField("dim_param") and dim.dim_param:
+            elif dim.HasField("dim_param") and dim.dim_param.isidentifier():
                 shape.append(dim.dim_param)
+            # Exporters write "?" or "-1" for "unknown": such a name ties no two axes together.
             else:
                 shape.append(None)
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
