@@ -13,9 +13,10 @@ Compared, on the same inputs in one run:
    activations, MinMax calibration) on the opset-12 model as shipped, then after
    upgrading it to opset 13. Constant nodes are first moved into initializers;
    without that, ``quantize_static`` treats the weights as activations.
-3. HAWQ: per-layer Hessian traces of a distillation loss (joint Hutchinson
-   estimator, no power iteration) choose the bits per layer (default 4 or 8, MSE
-   weight clipping) under a weight budget (default 1/5 of the FP32 weight bytes).
+3. HAWQ: per-layer Hessian traces of a distillation loss (Gauss-Newton output
+   probes, exact for distillation at the float weights; no power iteration) choose
+   the bits per layer (default 4 or 8, MSE weight clipping) under a weight budget
+   (default 1/5 of the FP32 weight bytes).
    Activation traces (HAWQ-V2) rank the uint8 activation tensors by their expected
    loss increase Tr(H_a) * scale^2 / 12. The top-ranked ones stay float (the tool's
    float-activation option): the smallest count from a fixed ladder whose pooled
@@ -33,13 +34,15 @@ import argparse
 import logging
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -61,7 +64,12 @@ from quantized_inference_node.hawq.activation_precision import (
 from quantized_inference_node.hawq.api import LossKind, PreparedModel, make_loss, prepare_model
 from quantized_inference_node.hawq.bit_allocation import allocate_bits, weight_size_bytes
 from quantized_inference_node.hawq.fake_quant import WeightClipping
-from quantized_inference_node.hawq.hessian import HessianSettings, TraceMethod, layer_curvatures
+from quantized_inference_node.hawq.hessian import (
+    HessianSettings,
+    OutputLoss,
+    TraceMethod,
+    layer_curvatures,
+)
 from quantized_inference_node.hawq.onnx_to_torch import OnnxGraphModule, constants_to_initializers
 from quantized_inference_node.hawq.qdq_export import (
     activation_tensors,
@@ -437,8 +445,8 @@ class HawqSettings:
     target_iou: float = 0.95
     seed: int = 0
     bits: tuple[int, ...] = (4, 8)
-    weight_clipping: WeightClipping = WeightClipping.MSE
-    trace_method: TraceMethod = TraceMethod.JOINT
+    weight_clipping: WeightClipping = WeightClipping.MAX_ABS
+    trace_method: TraceMethod = TraceMethod.GAUSS_NEWTON
 
 
 def hawq_quantize(
@@ -478,6 +486,8 @@ def hawq_quantize(
             prepared.weights,
             [layer.node_name for layer in layers],
             hessian_settings,
+            outputs=[partial(module, torch.from_numpy(batch)) for batch in hessian_batches],
+            output_loss=OutputLoss.MSE,
         )
     sensitivities = layer_sensitivities(
         curvatures,
@@ -610,6 +620,7 @@ def format_report(
     latency_shape: tuple[int, ...],
     model: onnx.ModelProto,
     args: argparse.Namespace,
+    alternatives: Mapping[str, HawqResult] | None = None,
 ) -> str:
     """Return the markdown body of the benchmark section."""
     labels = list(evaluation.rows)
@@ -662,6 +673,11 @@ def format_report(
         f"Activation protection (of {hawq.quantized_activations} uint8 tensors; pooled crop "
         f"IoU per number kept float): "
         + ", ".join(f"{count}: {score:.3f}" for count, score in hawq.ladder),
+        *(
+            f"With {label} weights: bits {bit_counts(alt.bits)}; pooled crop IoU per number "
+            "kept float: " + ", ".join(f"{count}: {score:.3f}" for count, score in alt.ladder)
+            for label, alt in (alternatives or {}).items()
+        ),
         "",
         "| rank | tensor | producer -> consumers | Tr(H_a)·scale²/12 | kept float |",
         "|---|---|---|---|---|",
@@ -751,6 +767,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20, help="latency runs per model")
     parser.add_argument("--quick", action="store_true", help="small settings, implies --no-write")
     parser.add_argument("--no-write", action="store_true", help="print, do not edit the docs")
+    parser.add_argument(
+        "--save-model", type=Path, default=None, help="also copy the HAWQ model to this .onnx path"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.max_side, args.crops, args.crop_size, args.repeats = 320, 16, 128, 5
@@ -794,15 +813,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 evaluation.rows[label] = compare_maps(run_maps(sessions[label], inputs), references)
 
         # HAWQ.
-        hawq = hawq_quantize(model_path, crops, hawq_settings(args), folder)
+        settings = hawq_settings(args)
+        hawq = hawq_quantize(model_path, crops, settings, folder)
+        if args.save_model is not None:
+            args.save_model.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(hawq.path, args.save_model)
         sessions["HAWQ"] = make_session(hawq.path)
         evaluation.rows["HAWQ"] = compare_maps(run_maps(sessions["HAWQ"], inputs), references)
+
+        # The same allocation procedure with the other weight clipping, for comparison.
+        other = next(c for c in WeightClipping if c is not settings.weight_clipping)
+        (folder / other.value).mkdir()
+        alternative = hawq_quantize(
+            model_path, crops, replace(settings, weight_clipping=other), folder / other.value
+        )
+        evaluation.rows[f"HAWQ, {other.value} weights"] = compare_maps(
+            run_maps(make_session(alternative.path), inputs), references
+        )
+        alternatives = {other.value: alternative}
 
         # Latency on the largest evaluation input.
         largest = max(inputs.values(), key=lambda x: x.size)
         latencies = median_latencies(sessions, largest, args.repeats)
 
-    body = format_report(evaluation, int8_runs, hawq, latencies, largest.shape, hawq.model, args)
+    body = format_report(
+        evaluation, int8_runs, hawq, latencies, largest.shape, hawq.model, args, alternatives
+    )
     print(body)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of the process: {peak_mib:.0f} MiB")

@@ -47,7 +47,7 @@ def two_gemm_model(w1: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def test_activation_trace_matches_the_exact_hessian_of_a_linear_model() -> None:
+def test_activation_trace_linear_model_exact() -> None:
     rng = np.random.default_rng(0)
     w1 = rng.normal(size=(6, 4)).astype(np.float32)
     w2 = rng.normal(size=(3, 6)).astype(np.float32)
@@ -98,7 +98,7 @@ def test_bad_selection_arguments_are_rejected(kwargs: dict, message: str) -> Non
         select_float_activations([ActivationSensitivity("a", 1.0, 0.1, 1.0)], **kwargs)
 
 
-def test_pass_through_copies_of_a_float_tensor_stay_float() -> None:
+def test_float_tensor_copies_stay_float() -> None:
     same = ActivationQParams(scale=0.5, zero_point=0)
     other = ActivationQParams(scale=0.25, zero_point=3)
     graph = helper.make_graph(
@@ -119,7 +119,7 @@ def test_pass_through_copies_of_a_float_tensor_stay_float() -> None:
     assert kept == {"s": other}
 
 
-def test_named_float_activation_is_left_out_of_the_export(tmp_path: Path) -> None:
+def test_named_float_activation_not_exported(tmp_path: Path) -> None:
     options = QuantizeOptions(batch_size=16, hessian=FAST, float_activations=("r",))
     analysis = analyze(tiny_cnn(), calibration(), options=options)
 

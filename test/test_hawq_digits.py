@@ -9,7 +9,8 @@ activation ranges too. The claims:
 - at 1/6 of the FP32 weight size HAWQ stays within 1 point of FP32;
 - at the uniform 2-bit size every layer must take 2 bits, so HAWQ is uniform 2-bit;
 - at the uniform 3-bit size (3/32 of FP32) HAWQ with 2/4/8-bit layers beats
-  uniform 3-bit and random 2/4/8 allocations in accuracy and agreement with FP32;
+  random 2/4/8 allocations in accuracy and agreement with FP32, and uniform 3-bit
+  in agreement (with MSE weight clipping they tie in accuracy);
 - at the uniform 4-bit size HAWQ beats random allocations, and ties uniform
   4-bit, which is lossless on this model;
 - weights of 5 to 7 bits keep their full integer grid in the exported file.
@@ -155,11 +156,13 @@ def test_three_bit_size_beats_baselines(setup: Setup, tmp_path: Path) -> None:
     hawq = mean_scores(setup, hawq_bits(setup, ratio), tmp_path)
     random = mean_scores(setup, random_bits(setup, ratio), tmp_path)
 
-    # Measured means: HAWQ 99.26 % accuracy and 99.63 % agreement, with every seed picking
-    # [8, 4, 4, 2, 8] (0.084 of FP32). Uniform 3-bit: 98.56 % and 99.22 %. Random: 98.30 % and 98.89 %.
-    # HAWQ leads uniform by 3.8 and 2.2 test images and random by 5.2 and 4.0, so margins of
-    # 2 images (1 for agreement with uniform) leave about half of each lead as slack.
-    assert hawq.accuracy >= uniform.accuracy + 2 * ONE_IMAGE
+    # Measured means with MSE weight clipping: HAWQ 99.26 % accuracy and 99.81 % agreement,
+    # every seed picking [8, 4, 4, 2, 8] (0.084 of FP32). Uniform 3-bit: 99.26 % and 99.44 %.
+    # Random: 97.56 % and 97.81 %. MSE clipping lifted uniform 3-bit from 98.56 % (max-abs),
+    # so HAWQ now ties it in accuracy and leads it by 2 test images in agreement. It leads
+    # random by 9 and 11 images. Margins: 1 image in agreement over uniform, no loss of more
+    # than one image in accuracy, 2 images over random.
+    assert hawq.accuracy >= uniform.accuracy - ONE_IMAGE - 1e-9
     assert hawq.agreement >= uniform.agreement + ONE_IMAGE
     assert hawq.accuracy >= random.accuracy + 2 * ONE_IMAGE
     assert hawq.agreement >= random.agreement + 2 * ONE_IMAGE
@@ -174,8 +177,8 @@ def test_four_bit_size_beats_random(setup: Setup, tmp_path: Path) -> None:
     hawq = mean_scores(setup, hawq_bits(setup, ratio), tmp_path)
     random = mean_scores(setup, random_bits(setup, ratio), tmp_path)
 
-    # Measured means: HAWQ 99.44 % accuracy and 99.63 % agreement, uniform 4-bit 99.44 % and
-    # 99.44 %, random 98.52 % and 99.00 %.
+    # Measured means (MSE weight clipping): HAWQ 99.26 % accuracy and 99.81 % agreement,
+    # uniform 4-bit 98.89 % and 99.81 %, random 98.07 % and 98.56 %.
     assert hawq.accuracy > random.accuracy
     assert hawq.agreement > random.agreement
     assert hawq.agreement >= uniform.agreement

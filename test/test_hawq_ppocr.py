@@ -2,8 +2,9 @@
 
 Uniform uint8 activations make the PP-OCRv4 detection model of rapidocr-onnxruntime
 lose part of the text its FP32 version finds. Keeping the 4 activation tensors with
-the largest Hessian-trace score in float restores part of it. Weights stay at 8 bits
-here, because the per-layer weight Hessian of the full benchmark takes minutes on a CPU.
+the largest Hessian-trace score in float restores part of it (weights at 8 bits). The
+full HAWQ run at 1/5 of the FP32 weight bytes (Gauss-Newton weight traces, which take
+about a second) keeps the text of page, clock and rocket.
 """
 
 from __future__ import annotations
@@ -17,17 +18,23 @@ pytest.importorskip("rapidocr_onnxruntime")
 pytest.importorskip("skimage")
 
 from benchmarks.bench_hawq_ppocr import (
-    activation_traces,
+    HawqSettings,
     calibration_crops,
     compare_maps,
     detection_model_path,
+    distillation_closures,
+    hawq_quantize,
     load_images,
     make_session,
     preprocess_detection,
-    rank_activations,
     run_maps,
     text_mask_iou,
-    without_protected,
+)
+from quantized_inference_node.hawq.activation_precision import (
+    activation_traces,
+    rank_activations,
+    select_float_activations,
+    without_float_activations,
 )
 from quantized_inference_node.hawq.api import prepare_model
 from quantized_inference_node.hawq.qdq_export import (
@@ -66,17 +73,19 @@ def test_activation_protection_restores_text(tmp_path: Path) -> None:
         weight.requires_grad_(False)
     references = run_maps(make_session(model), inputs)
 
+    hessian_batch = np.ascontiguousarray(crops[:2, :, :64, :64])
     traces = activation_traces(
         prepared.module,
-        [np.ascontiguousarray(crops[:2, :, :64, :64])],
+        distillation_closures(prepared.module, [hessian_batch]),
+        [len(hessian_batch)],
         list(calibration.qparams),
         probes=2,
         seed=0,
     )
-    ranking = [name for name, _ in rank_activations(traces, qparams)]
+    ranking = rank_activations(traces, qparams)
 
     def iou_per_image(protected: list[str]) -> dict[str, float]:
-        kept = without_protected(qparams, set(protected), model)
+        kept = without_float_activations(qparams, protected, model)
         path = tmp_path / f"protect{len(protected)}.onnx"
         write_qdq_model(build_qdq_model(model, layers, [8] * len(layers), kept), path)
         rows = compare_maps(run_maps(make_session(path), inputs), references)
@@ -84,11 +93,33 @@ def test_activation_protection_restores_text(tmp_path: Path) -> None:
         return {row.image: row.iou for row in rows}
 
     unprotected = iou_per_image([])
-    protected = iou_per_image(ranking[:4])
-    all_float = iou_per_image(ranking)
+    protected = iou_per_image(select_float_activations(ranking, count=4))
+    all_float = iou_per_image([row.name for row in ranking])
 
     # Measured here (8-bit weights, 480-px inputs, mean of page and clock): uniform
     # uint8 0.83, top 4 kept float 0.88, all activations float 0.97.
     assert np.mean(list(unprotected.values())) < 0.85
     assert np.mean(list(all_float.values())) >= 0.95
     assert np.mean(list(protected.values())) >= np.mean(list(unprotected.values())) + 0.03
+
+
+def test_hawq_one_fifth_keeps_page_clock_text(tmp_path: Path) -> None:
+    # The benchmark's own settings and inputs (HawqSettings defaults, 640-px images,
+    # 32 crops of 256 px), so the numbers are those of docs/benchmarks.md.
+    images = load_images(["page", "coffee", "clock", "rocket"])
+    inputs = {name: preprocess_detection(image, max_side=640) for name, image in images.items()}
+    crops = calibration_crops(load_images(), count=32, size=256, seed=0)
+
+    hawq = hawq_quantize(detection_model_path(), crops, HawqSettings(), tmp_path)
+
+    references = run_maps(make_session(detection_model_path()), inputs)
+    maps = run_maps(make_session(hawq.path), inputs)
+    iou = {row.image: row.iou for row in compare_maps(maps, references)}
+    assert hawq.size_bytes <= 0.2 * hawq.fp32_bytes
+    # Measured (Gauss-Newton traces, max-abs weight scales, 24 activations kept float):
+    # page 0.966, clock 0.902, rocket 0.924, coffee 0.440; mean 0.808, below the 0.9
+    # target because of coffee. Asserted with margins of 0.02 to 0.04 under the
+    # measured values on the images that hold.
+    assert iou["page"] >= 0.94
+    assert iou["clock"] >= 0.87
+    assert iou["rocket"] >= 0.88

@@ -1,10 +1,10 @@
 """Per-tensor activation precision: which activation tensors stay float (HAWQ-V2).
 
 Each uint8 activation tensor a adds rounding noise of variance scale_a^2 / 12 per
-entry. To second order the loss then grows by Tr(H_a) * scale_a^2 / 12 / 2, with
-H_a the Hessian of the loss with respect to that tensor, so the score
-Tr(H_a) * scale_a^2 / 12 ranks the tensors by the loss increase their
-quantization causes on its own. The tensors with the largest scores are the ones
+entry. To second order the loss then grows by Tr(H_a) * scale_a^2 / 12 / 2, where
+H_a is the Hessian of the loss with respect to that tensor. The score
+Tr(H_a) * scale_a^2 / 12 therefore ranks the tensors by the loss increase that
+quantizing each one alone causes. The tensors with the largest scores are the ones
 worth keeping in float.
 
 The traces come from one Hutchinson product per probe over all tensors at once: a
@@ -186,11 +186,11 @@ def without_float_activations(
     """Return QPARAMS without the float tensors and their pass-through copies.
 
     A pass-through node (MaxPool, Reshape, ...) copies its input's parameters to its
-    output; quantizing that output would reintroduce the noise the float input avoids,
+    output. Quantizing that output would reintroduce the noise the float input avoids,
     so a copy with the same parameters stays float too.
     """
     protected = set(float_names)
-    kept = {name: params for name, params in qparams.items() if name not in protected}
+    quantized = {name: params for name, params in qparams.items() if name not in protected}
     changed = True
     while changed:
         changed = False
@@ -198,8 +198,8 @@ def without_float_activations(
             if not node.input or node.input[0] not in protected:
                 continue
             for output in node.output:
-                if output in kept and qparams.get(node.input[0]) == kept[output]:
-                    kept.pop(output)
+                if output in quantized and qparams.get(node.input[0]) == quantized[output]:
+                    quantized.pop(output)
                     protected.add(output)
                     changed = True
-    return kept
+    return quantized

@@ -56,7 +56,7 @@ from .fake_quant import (
     fake_quantize_weight,
 )
 from .finetune import finetune
-from .hessian import HessianSettings, LayerCurvature, layer_curvatures
+from .hessian import HessianSettings, LayerCurvature, OutputLoss, TraceMethod, layer_curvatures
 from .onnx_to_torch import OnnxGraphModule, convert, fold_batchnorm, load_onnx_model
 from .qdq_export import (
     ExportResult,
@@ -121,8 +121,10 @@ class QuantizeOptions:
         finetune_lr: Fine-tuning learning rate (Adam).
         seed: Seed of all random choices.
         show_progress: Show tqdm progress bars.
-        weight_clipping: Weight scales: MSE clipping for 2..4-bit layers (default) or
-            max-abs everywhere; the analysis and the export use the same.
+        weight_clipping: Weight scales: max-abs everywhere (default), or MSE clipping for
+            2..4-bit layers; the analysis and the export use the same. MSE clipping
+            lowers the weight error but lost text on the PP-OCR detector (see
+            docs/benchmarks.md), so it is an option, not the default.
         float_activations: Activation tensors (ONNX names) kept in float.
         auto_float_activations: Also keep the K activation tensors with the largest
             Tr(H_a) * scale^2 / 12 in float (activation Hessian traces, HAWQ-V2).
@@ -146,7 +148,7 @@ class QuantizeOptions:
     finetune_lr: float = 1e-4
     seed: int = 0
     show_progress: bool = False
-    weight_clipping: WeightClipping = WeightClipping.MSE
+    weight_clipping: WeightClipping = WeightClipping.MAX_ABS
     float_activations: tuple[str, ...] = ()
     auto_float_activations: int = 0
     float_activation_budget: float | None = None
@@ -484,7 +486,7 @@ def _loss_closures(
 
 @contextlib.contextmanager
 def quantized_weights(
-    prepared: PreparedModel, bits: Sequence[int], clipping: WeightClipping = WeightClipping.MSE
+    prepared: PreparedModel, bits: Sequence[int], clipping: WeightClipping = WeightClipping.MAX_ABS
 ) -> Iterator[None]:
     """Temporarily replace the layer weights with their fake-quantized values."""
     saved = [w.detach().clone() for w in prepared.weights]
@@ -587,7 +589,7 @@ class Analysis:
     sensitivities: list[LayerSensitivity]
     hessian_seconds: float
     fp32_weight_bytes: float
-    weight_clipping: WeightClipping = WeightClipping.MSE
+    weight_clipping: WeightClipping = WeightClipping.MAX_ABS
     float_activations: list[str] = field(default_factory=list)
     activation_ranking: list[ActivationSensitivity] = field(default_factory=list)
     activation_seconds: float = 0.0
@@ -688,6 +690,7 @@ def analyze(
     kind = resolve_loss(options.loss, probe_output, batch_labels)
     LOGGER.info("Hessian loss: %s", kind.value)
     closures = _loss_closures(prepared.module, batches, kind)
+    gauss_newton = options.hessian.trace_method is TraceMethod.GAUSS_NEWTON
     started = time.perf_counter()
     curvatures: list[LayerCurvature] = layer_curvatures(
         closures,
@@ -696,6 +699,8 @@ def analyze(
         [layer.node_name for layer in layers],
         options.hessian,
         show_progress=options.show_progress,
+        outputs=_output_closures(prepared.module, batches) if gauss_newton else None,
+        output_loss=_output_loss(kind, probe_output) if gauss_newton else OutputLoss.MSE,
     )
     hessian_seconds = time.perf_counter() - started
     sensitivities = layer_sensitivities(
@@ -730,6 +735,31 @@ def analyze(
         float_activations=float_names,
         activation_ranking=ranking,
         activation_seconds=activation_seconds,
+    )
+
+
+def _output_closures(module: OnnxGraphModule, batches: Sequence[Batch]) -> list[Callable[[], torch.Tensor]]:
+    """Return one closure per batch computing the module's first output at its current weights."""
+    closures = []
+    for batch in batches:
+        feeds = _torch_feeds(batch)
+        closures.append(lambda feeds=feeds: _first_output(module(**feeds)))
+    return closures
+
+
+def _output_loss(kind: LossKind, output: torch.Tensor) -> OutputLoss:
+    """Return the output loss whose Gauss-Newton matrix matches the analysed loss.
+
+    Raises:
+        ValueError: for the L1 loss, whose second derivative in the outputs is zero.
+    """
+    if kind is LossKind.CROSS_ENTROPY or (kind is LossKind.DISTILLATION and output.ndim == 2):
+        return OutputLoss.SOFTMAX
+    if kind in (LossKind.MSE, LossKind.DISTILLATION):
+        return OutputLoss.MSE
+    raise ValueError(
+        f"gauss_newton traces need a mse, cross_entropy or distillation loss, not {kind.value}; "
+        "use trace_method per_layer"
     )
 
 

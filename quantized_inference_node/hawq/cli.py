@@ -115,10 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--trace-method",
-        default="joint",
-        choices=["joint", "per_layer"],
-        help="Hutchinson traces: joint (one Hessian-vector product per probe for all layers; "
-        "default) or per_layer (one per layer per probe)",
+        default="per_layer",
+        choices=["per_layer", "joint", "gauss_newton"],
+        help="trace estimator: per_layer (one Hessian-vector product per layer per probe; "
+        "default), joint (one per probe for all layers; noisy on deep networks) or "
+        "gauss_newton (one backward pass per output probe for all layers; exact Hessian "
+        "for the label-free distillation loss, fastest)",
     )
     parser.add_argument(
         "--skip-eigenvalues",
@@ -128,10 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--weight-clipping",
-        default="mse",
-        choices=["mse", "max_abs"],
-        help="weight scales of 2..4-bit layers: mse (clip ratio minimising the rounding error; "
-        "default) or max_abs",
+        default="max_abs",
+        choices=["max_abs", "mse"],
+        help="weight scales of 2..4-bit layers: max_abs (default) or mse (the clip ratio "
+        "minimising the rounding error)",
     )
     parser.add_argument(
         "--float-activations",

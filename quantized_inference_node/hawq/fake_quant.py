@@ -39,7 +39,7 @@ MSE_CLIPPING_MAX_BITS = 4
 
 
 class WeightClipping(str, Enum):
-    """How a weight channel's quantization range is chosen.
+    """Method of choosing a weight channel's quantization range.
 
     MAX_ABS: the channel's largest magnitude maps to the largest level.
     MSE: for 2..4 bits, the ratio from CLIP_RATIOS minimising the channel's squared
@@ -88,7 +88,7 @@ class WeightQuantization:
 
 
 def weight_scales(
-    weight: np.ndarray, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MSE
+    weight: np.ndarray, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MAX_ABS
 ) -> np.ndarray:
     """Return the per-channel scales (float32, shape (channels,)) of a symmetric weight grid.
 
@@ -132,7 +132,7 @@ def _rounding_error(rows: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarra
 
 
 def quantize_weight_np(
-    weight: np.ndarray, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MSE
+    weight: np.ndarray, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MAX_ABS
 ) -> WeightQuantization:
     """Quantize a float weight symmetrically per channel along AXIS.
 
@@ -169,7 +169,7 @@ class _RoundSTE(torch.autograd.Function):
 
 
 def fake_quantize_weight(
-    weight: torch.Tensor, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MSE
+    weight: torch.Tensor, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MAX_ABS
 ) -> torch.Tensor:
     """Return Q_b(weight) as float, per-channel symmetric, with a straight-through gradient.
 
@@ -189,7 +189,7 @@ def fake_quantize_weight(
 
 
 def weight_quantization_error(
-    weight: torch.Tensor, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MSE
+    weight: torch.Tensor, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MAX_ABS
 ) -> float:
     """Return ||Q_b(W) - W||^2, the squared Frobenius norm of the quantization error."""
     with torch.no_grad():

@@ -29,7 +29,7 @@ def finetune(
     lr: float,
     seed: int = 0,
     names: Sequence[str] | None = None,
-    clipping: WeightClipping | str = WeightClipping.MSE,
+    clipping: WeightClipping | str = WeightClipping.MAX_ABS,
 ) -> None:
     """Fine-tune the weights in place; on return they hold the float (shadow) values.
 

@@ -301,7 +301,7 @@ def build_qdq_model(
     layers: Sequence[OnnxLayer],
     bits: Sequence[int],
     qparams: Mapping[str, ActivationQParams],
-    weight_clipping: WeightClipping | str = WeightClipping.MSE,
+    weight_clipping: WeightClipping | str = WeightClipping.MAX_ABS,
 ) -> onnx.ModelProto:
     """Return the QDQ model: quantized weights, int32 biases and activation QDQ pairs.
 

@@ -47,7 +47,7 @@ class LayerSensitivity:
         """HAWQ v1's fine-tuning order key lambda_i * ||Q_b(W_i) - W_i||^2.
 
         Without eigenvalues (skipped in the analysis) the mean eigenvalue
-        Tr(H_i) / n_i stands in for lambda_i, which gives Omega_i(b).
+        Tr(H_i) / n_i replaces lambda_i, which gives Omega_i(b).
         """
         if math.isnan(self.top_eigenvalue):
             return self.omega[bits]
@@ -59,7 +59,7 @@ def layer_sensitivities(
     weights: Sequence[torch.Tensor],
     channel_axes: Sequence[int],
     bit_widths: Sequence[int],
-    clipping: WeightClipping | str = WeightClipping.MSE,
+    clipping: WeightClipping | str = WeightClipping.MAX_ABS,
 ) -> list[LayerSensitivity]:
     """Return Omega_i(b) for every layer and candidate bit width.
 
