@@ -69,8 +69,10 @@ class StereoConfig:
 class SuperpixelConfig:
     # Seed spacing in pixels (the SLIC grid).
     grid_px: int = 8
-    # Assignment/update iterations.
-    iterations: int = 3
+    # Assignment/update iterations. On 7-Scenes frames more iterations keep sharpening
+    # boundaries, but 2 already give the surfel count and map accuracy of 3 to 20
+    # (0.84 mm median to held-out depth with 2 or 3), at two thirds of the cost.
+    iterations: int = 2
     # Cost = (dx² + dy²)·spatial_weight + ΔI²·intensity_weight + (Δ inverse depth)²·inverse_depth_weight.
     spatial_weight: float = 1.0 / 16.0
     intensity_weight: float = 1.0 / 100.0

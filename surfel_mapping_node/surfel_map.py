@@ -242,10 +242,9 @@ class SurfelMap:
         return stats
 
     def _park(self, leaving: set[int]) -> ActivationStats:
-        self._compact_active()
         owner = self.active.keyframe_id
         leaving_ids = np.fromiter(leaving, dtype=np.int64, count=len(leaving))
-        is_leaving = np.isin(owner, leaving_ids)
+        is_leaving = np.isin(owner, leaving_ids) & self.active.alive
         rows = np.flatnonzero(is_leaving)
         stats = ActivationStats()
         if len(rows):
@@ -259,7 +258,12 @@ class SurfelMap:
             stats.keyframes_parked = len(starts)
             stats.surfels_parked = len(rows)
             self._parked_count += len(rows)
-            self.active.compact(~is_leaving)
+            # The copies are parked; the active rows die and are compacted away in bulk,
+            # as removed rows are, so that parking costs no full copy of the active block.
+            self.active.alive[rows] = False
+            self._dead_rows += len(rows)
+            if self._dead_rows > _COMPACT_DEAD_FRACTION * len(self.active):
+                self._compact_active()
         return stats
 
     def add(
