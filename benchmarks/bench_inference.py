@@ -72,6 +72,14 @@ ANALYSIS = """### Why the quantized models are not faster everywhere, and what w
   says otherwise. Where INT8 is fast enough but loses outputs (low IoU or agreement),
   calibrate on more images from the deployment domain and keep the layers that lose most
   in higher precision, which is what the HAWQ tool's mixed precision chooses per layer.
+- The HAWQ models are smaller but not faster: ONNX Runtime fuses only 8-bit weights into
+  QLinearConv, so their 4-bit layers run as DequantizeLinear followed by a float Conv on
+  every run, and the activations the tool keeps in float (24 on the text detector) add
+  QuantizeLinear/DequantizeLinear pairs (see their "convolution" and "QuantizeLinear +
+  DequantizeLinear" rows). HAWQ buys size and fidelity here, not speed. What would fix
+  it: an int4 convolution kernel (ONNX Runtime's MatMulNBits covers MatMul and Gemm
+  only), or, where latency matters more than size, restricting the tool to 8-bit
+  weights (`--bits 8`) and quantizing every activation.
 - Wall-clock figures on a shared machine move with the load of other processes; the
   profiled kernel-time ratios are the steadier comparison of the kernels themselves.
 """
