@@ -6,7 +6,7 @@ writes it, and a ``metadata.yaml``. Where rosbag2 is installed, ``ros2 bag info`
 ``ros2 bag play`` read it; elsewhere :mod:`surfel_mapping_node.bag_replay` plays it.
 No ROS install is needed, because rosbags serializes the messages.
 
-What a bag holds per frame, with the topics and frames of :mod:`surfel_mapping_node.topics`:
+Messages written per frame, with the topics and frames of :mod:`surfel_mapping_node.topics`:
 
 - RGB-D: the image (``rgb8`` for color, ``mono8`` for intensity), the registered depth
   and one CameraInfo, all in the color optical frame. Depth follows REP 118: uint16

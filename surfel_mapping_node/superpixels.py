@@ -297,6 +297,33 @@ def _inverse_depth_image(depth):  # pragma: no cover - numba kernel
     return inverse
 
 
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
+def _label_pixel(
+    image, inverse_depth, labels, v, u, fv,
+    candidates, cu, cv, ci, cd, cw, spatial_weight, intensity_weight,
+):  # pragma: no cover - numba kernel
+    # Give pixel (v, u) the label of the cheapest of the 9 candidate seeds.
+    pixel_i = np.float32(image[v, u])
+    pixel_d = inverse_depth[v, u]
+    fu = np.float32(u)
+    # ... and the pixel has depth.
+    pixel_has = np.float32(1.0) if pixel_d > 0 else np.float32(0.0)
+    best = np.float32(np.inf)
+    best_k = 4
+    for k in range(9):
+        du = fu - cu[k]
+        dv = fv - cv[k]
+        di = pixel_i - ci[k]
+        dd = pixel_d - cd[k]
+        cost = (du * du + dv * dv) * spatial_weight + di * di * intensity_weight
+        cost += cw[k] * pixel_has * dd * dd
+        if cost < best:
+            best = cost
+            best_k = k
+    # A pixel with non-finite intensity belongs to no superpixel.
+    labels[v, u] = candidates[best_k] if pixel_i == pixel_i else -1
+
+
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 def _assign_pixels(
     image, depth, inverse_depth, v_starts, u_starts,
@@ -341,8 +368,7 @@ def _assign_pixels(
                     k += 1
 
             # Pixels go in runs of 8, a loop of constant length that the compiler turns
-            # into vector code, and then one by one for the rest of the cell. Both
-            # branches have the same body.
+            # into vector code, and then one by one for the rest of the cell.
             u_stop = u_starts[bx + 1]
             for v in range(v0, v1):
                 fv = np.float32(v)
@@ -350,48 +376,16 @@ def _assign_pixels(
                 while u_first < u_stop:
                     if u_first + 8 <= u_stop:
                         for j in range(8):
-                            u = u_first + j
-                            pixel_i = np.float32(image[v, u])
-                            pixel_d = inverse_depth[v, u]
-                            fu = np.float32(u)
-                            # ... and the pixel has depth.
-                            pixel_has = np.float32(1.0) if pixel_d > 0 else np.float32(0.0)
-                            best = np.float32(np.inf)
-                            best_k = 4
-                            for k in range(9):
-                                du = fu - cu[k]
-                                dv = fv - cv[k]
-                                di = pixel_i - ci[k]
-                                dd = pixel_d - cd[k]
-                                cost = (du * du + dv * dv) * spatial_weight + di * di * intensity_weight
-                                cost += cw[k] * pixel_has * dd * dd
-                                if cost < best:
-                                    best = cost
-                                    best_k = k
-                            # A pixel with non-finite intensity belongs to no superpixel.
-                            labels[v, u] = candidates[best_k] if pixel_i == pixel_i else -1
+                            _label_pixel(
+                                image, inverse_depth, labels, v, u_first + j, fv,
+                                candidates, cu, cv, ci, cd, cw, spatial_weight, intensity_weight,
+                            )
                         u_first += 8
                     else:
-                        u = u_first
-                        pixel_i = np.float32(image[v, u])
-                        pixel_d = inverse_depth[v, u]
-                        fu = np.float32(u)
-                        # ... and the pixel has depth.
-                        pixel_has = np.float32(1.0) if pixel_d > 0 else np.float32(0.0)
-                        best = np.float32(np.inf)
-                        best_k = 4
-                        for k in range(9):
-                            du = fu - cu[k]
-                            dv = fv - cv[k]
-                            di = pixel_i - ci[k]
-                            dd = pixel_d - cd[k]
-                            cost = (du * du + dv * dv) * spatial_weight + di * di * intensity_weight
-                            cost += cw[k] * pixel_has * dd * dd
-                            if cost < best:
-                                best = cost
-                                best_k = k
-                        # A pixel with non-finite intensity belongs to no superpixel.
-                        labels[v, u] = candidates[best_k] if pixel_i == pixel_i else -1
+                        _label_pixel(
+                            image, inverse_depth, labels, v, u_first, fv,
+                            candidates, cu, cv, ci, cd, cw, spatial_weight, intensity_weight,
+                        )
                         u_first += 1
 
         # Sums for the seed update come in a separate sweep, because a scatter inside

@@ -92,7 +92,8 @@ def test_rgbd_message_fields_match_spec(tmp_path, storage):
     summary = write_bag(frames, tmp_path / "bag", storage=storage)
     messages = read_messages(tmp_path / "bag")
 
-    assert summary.frames == 2 and summary.kind == "rgbd"
+    assert summary.frames == 2
+    assert summary.kind == "rgbd"
     assert set(messages) == {
         topics.IMAGE_TOPIC,
         topics.DEPTH_TOPIC,
@@ -206,7 +207,8 @@ def test_encode_depth_keeps_stored_units():
     encoding_mm, data_mm = encode_depth(millimetres, 0.001)
     encoding_m, data_m = encode_depth(metres, 1.0)
 
-    assert encoding_mm == "16UC1" and data_mm.dtype == np.uint16
+    assert encoding_mm == "16UC1"
+    assert data_mm.dtype == np.uint16
     np.testing.assert_array_equal(data_mm, millimetres)
     assert encoding_m == "32FC1"
     np.testing.assert_array_equal(data_m, metres)
@@ -265,7 +267,8 @@ def test_metadata_yaml_content(tmp_path):
     assert metadata["starting_time"]["nanoseconds_since_epoch"] == 1_000_000_000
     assert metadata["duration"]["nanoseconds"] == 2 * 33_333_333
     counts = {t["topic_metadata"]["name"]: t["message_count"] for t in metadata["topics_with_message_count"]}
-    assert counts[topics.IMAGE_TOPIC] == 3 and counts[topics.KEYFRAMES_TOPIC] == 1
+    assert counts[topics.IMAGE_TOPIC] == 3
+    assert counts[topics.KEYFRAMES_TOPIC] == 1
     qos = metadata["topics_with_message_count"][0]["topic_metadata"]["offered_qos_profiles"][0]
     assert (qos["reliability"], qos["durability"], qos["history"]) == ("reliable", "volatile", "keep_last")
     assert metadata["custom_data"] == {"source": "unit test", "surfel_perception.keyframes": "motion"}

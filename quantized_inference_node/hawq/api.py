@@ -468,7 +468,7 @@ def make_loss(
 def _loss_closures(
     module: OnnxGraphModule, batches: Sequence[Batch], kind: LossKind
 ) -> list[Callable[[], torch.Tensor]]:
-    """One closure per batch computing its mean loss at the module's current weights."""
+    """Return one closure per batch that computes its mean loss at the module's current weights."""
     closures = []
     for batch in batches:
         feeds = {n: torch.from_numpy(a) for n, a in batch.feeds.items()}

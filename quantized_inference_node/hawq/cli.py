@@ -206,7 +206,7 @@ def _load_labels(path: Path) -> np.ndarray:
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
             if len(archive.files) != 1:
-                raise ValueError(f"labels file {path} holds arrays {archive.files}; keep exactly one")
+                raise ValueError(f"labels file {path} contains arrays {archive.files}: keep exactly one")
             return archive[archive.files[0]]
     raise ValueError(f"labels file {path} must be .npy or .npz")
 

@@ -355,7 +355,7 @@ def build_qdq_model(
         w = numpy_helper.to_array(inits[layer.weight]).astype(np.float32)
         wq = quantize_weight_np(w, b, layer.channel_axis, weight_clipping)
         q_name = f"{layer.weight}_quantized"
-        # int4 holds -7..7, the narrow range of 4 bits and fewer; wider grids need int8.
+        # int4 stores -7..7, the narrow range of 4 bits and fewer, so wider grids need int8.
         if b > 4:
             q_init = numpy_helper.from_array(wq.q.astype(np.int8), q_name)
             zp_init = numpy_helper.from_array(np.zeros(len(wq.scale), np.int8), f"{layer.weight}_zero_point")
