@@ -78,9 +78,10 @@ class SuperpixelConfig:
     intensity_weight: float = 1.0 / 100.0
     inverse_depth_weight: float = 400.0
     # Huber threshold (metres) of the robust per-superpixel depth, and the IRLS steps
-    # after the last iteration (each iteration also makes one step).
+    # after the last iteration. Each iteration already makes one step, and on 7-Scenes
+    # further steps changed neither the surfel count nor the map accuracy.
     huber_delta_m: float = 0.05
-    huber_iterations: int = 2
+    huber_iterations: int = 0
 
 
 @dataclass
@@ -91,8 +92,9 @@ class SurfelConfig:
     min_inlier_ratio: float = 0.8
     inlier_range_m: float = 0.05
     # Huber-reweighted steps of the plane fit after its first solve (Huber threshold
-    # inlier_range_m / 2 on the depth residual).
-    plane_iterations: int = 2
+    # inlier_range_m / 2 on the depth residual). The first solve is already weighted
+    # around the superpixel's robust depth; a second step did not change the 7-Scenes map.
+    plane_iterations: int = 1
     # Surfels seen at a view cosine below this (grazing angle) are not made or fused.
     min_view_cosine: float = 0.1
     # Weight of a new surfel: min(1, weight_depth_scale_m² / depth²) (a depth-noise model).

@@ -109,19 +109,22 @@ def compute_superpixels(
     # Assign pixels to the 3×3 seeds around their cell, then move the seeds.
     labels = np.empty((height, width), np.int32)
     sums = np.empty((seed_count * 3, _SUM_FIELDS), np.float64)
+    totals = np.empty((seed_count, _SUM_FIELDS), np.float64)
     huber_delta = np.float32(config.huber_delta_m)
-    for _ in range(config.iterations):
+    # Seeds move about as far with every second row as with all of them, so only the
+    # last iteration, whose labels and sums are kept, visits every row.
+    for iteration in range(config.iterations):
+        row_step = 1 if iteration == config.iterations - 1 else 2
         _assign_pixels(
             image, depth, inverse_depth, v_starts, u_starts,
             seed_u, seed_v, seed_intensity, seed_depth,
             np.float32(config.spatial_weight), np.float32(config.intensity_weight),
-            np.float32(config.inverse_depth_weight), huber_delta, labels, sums,
+            np.float32(config.inverse_depth_weight), huber_delta, row_step, labels, sums,
         )
-        _seeds_from_sums(sums, seed_u, seed_v, seed_intensity, seed_depth)
+        _seeds_from_sums(sums, totals, seed_u, seed_v, seed_intensity, seed_depth)
 
-    # The last sums contain the final means. The depth gets its remaining Huber steps
+    # The last totals contain the final means. The depth gets its remaining Huber steps
     # over each superpixel's pixel list.
-    totals = sums.reshape(seed_count, 3, _SUM_FIELDS).sum(axis=1)
     offsets, indices = _sort_pixels_by_slot(labels, v_starts, cells_u, sums[:, 0].astype(np.int64))
     _refine_depth(offsets, indices, depth.reshape(-1), np.float32(config.huber_delta_m),
                   config.huber_iterations, seed_depth)
@@ -328,12 +331,14 @@ def _label_pixel(
 def _assign_pixels(
     image, depth, inverse_depth, v_starts, u_starts,
     seed_u, seed_v, seed_intensity, seed_depth,
-    spatial_weight, intensity_weight, inverse_depth_weight, huber_delta, labels, sums,
+    spatial_weight, intensity_weight, inverse_depth_weight, huber_delta, row_step, labels, sums,
 ):  # pragma: no cover - numba kernel
     # Each pixel joins the cheapest of the 3×3 seeds around its cell and adds itself to
     # that seed's sums in slot 3·seed + (pixel cell row − seed cell row + 1). Only one
     # block row writes a given slot, so block rows run in parallel without races and
     # every sum has a fixed order: the result does not depend on the thread count.
+    # With row_step 2 only every second row is labelled and summed, each standing for
+    # itself and the row below, so its row coordinate counts as v + 0.5.
     cells_v = v_starts.shape[0] - 1
     cells_u = u_starts.shape[0] - 1
     width = u_starts[-1]
@@ -370,7 +375,7 @@ def _assign_pixels(
             # Pixels go in runs of 8, a loop of constant length that the compiler turns
             # into vector code, and then one by one for the rest of the cell.
             u_stop = u_starts[bx + 1]
-            for v in range(v0, v1):
+            for v in range(v0, v1, row_step):
                 fv = np.float32(v)
                 u_first = u_starts[bx]
                 while u_first < u_stop:
@@ -394,7 +399,8 @@ def _assign_pixels(
         # avoids a load-add-store chain per pixel. The depth gets one Huber step
         # around the seed's current depth, with weight 1 inside the threshold and
         # delta/|r| outside. A seed without depth takes the plain mean.
-        for v in range(v0, v1):
+        row_v = 0.5 * (row_step - 1)
+        for v in range(v0, v1, row_step):
             run = labels[v, 0]
             seed_d = seed_depth[run] if run >= 0 else np.float32(np.nan)
             n = 0.0
@@ -413,7 +419,7 @@ def _assign_pixels(
                         slot = run * 3 + by - seed_row + 1
                         sums[slot, 0] += n
                         sums[slot, 1] += sum_u
-                        sums[slot, 2] += n * v
+                        sums[slot, 2] += n * (v + row_v)
                         sums[slot, 3] += sum_i
                         sums[slot, 4] += n_depth
                         sums[slot, 5] += sum_d
@@ -445,22 +451,22 @@ def _assign_pixels(
 
 
 @numba.njit(cache=True, nogil=True)
-def _seeds_from_sums(sums, seed_u, seed_v, seed_intensity, seed_depth):  # pragma: no cover
-    # Seeds without pixels keep their previous values and may win pixels back.
+def _seeds_from_sums(sums, totals, seed_u, seed_v, seed_intensity, seed_depth):  # pragma: no cover
+    # Each seed's totals are the sums of its 3 slots. Seeds without pixels keep their
+    # previous values and may win pixels back.
     for s in range(seed_u.shape[0]):
-        first = s * 3
-        n = sums[first, 0] + sums[first + 1, 0] + sums[first + 2, 0]
+        for f in range(_SUM_FIELDS):
+            totals[s, f] = sums[3 * s, f] + sums[3 * s + 1, f] + sums[3 * s + 2, f]
+        n = totals[s, 0]
         if n == 0:
             continue
-        seed_u[s] = (sums[first, 1] + sums[first + 1, 1] + sums[first + 2, 1]) / n
-        seed_v[s] = (sums[first, 2] + sums[first + 1, 2] + sums[first + 2, 2]) / n
-        seed_intensity[s] = (sums[first, 3] + sums[first + 1, 3] + sums[first + 2, 3]) / n
-        n_depth = sums[first, 4] + sums[first + 1, 4] + sums[first + 2, 4]
-        sum_w = sums[first, 6] + sums[first + 1, 6] + sums[first + 2, 6]
-        if sum_w > 0:
-            seed_depth[s] = (sums[first, 7] + sums[first + 1, 7] + sums[first + 2, 7]) / sum_w
-        elif n_depth > 0:
-            seed_depth[s] = (sums[first, 5] + sums[first + 1, 5] + sums[first + 2, 5]) / n_depth
+        seed_u[s] = totals[s, 1] / n
+        seed_v[s] = totals[s, 2] / n
+        seed_intensity[s] = totals[s, 3] / n
+        if totals[s, 6] > 0:
+            seed_depth[s] = totals[s, 7] / totals[s, 6]
+        elif totals[s, 4] > 0:
+            seed_depth[s] = totals[s, 5] / totals[s, 4]
         else:
             seed_depth[s] = np.nan
 
