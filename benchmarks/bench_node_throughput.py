@@ -1,7 +1,7 @@
 """surfel_mapping_node fed real 7-Scenes RGB-D at 30 Hz over DDS: does it keep up?
 
-The node runs in its own process (as ``ros2 run`` would start it) with a
-MultiThreadedExecutor of three threads, like ``surfel_mapping_node.node.main``. This
+The node runs in its own process (as ``ros2 run`` would start it) with the
+SingleThreadedExecutor of ``surfel_mapping_node.node.main``. This
 process preloads the frames as messages and publishes image, depth, camera_info and
 the true camera pose on a fixed 30 Hz schedule, each stamped with the wall clock when
 it is sent. It measures:
@@ -395,7 +395,7 @@ def serve_node(ros_args: list[str]) -> int:
     them while the node runs. The node publishes no statistics of its own.
     """
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.logging import get_logger
     from rclpy.signals import SignalHandlerOptions
     from std_srvs.srv import Trigger
@@ -417,7 +417,7 @@ def serve_node(ros_args: list[str]) -> int:
     probe = rclpy.create_node(PROBE_NODE_NAME)
     probe.create_service(Trigger, f"{PROBE_NODE_NAME}/counters", serve_counters)
     # The executor of surfel_mapping_node.node.main.
-    executor = MultiThreadedExecutor(num_threads=3)
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     executor.add_node(probe)
     try:

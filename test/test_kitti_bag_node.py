@@ -19,7 +19,7 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy and the ROS 2 message packages are needed")
 
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import PointCloud2  # noqa: E402
 
@@ -114,7 +114,7 @@ def test_replayed_kitti_bag_maps_like_offline_run(ros_env, kitti_bag: Path, tmp_
     probe.create_subscription(
         PointCloud2, "/surfel_mapping_node/map", lambda m: map_sizes.append(m.width), 10
     )
-    executor = MultiThreadedExecutor(num_threads=3, context=context)
+    executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
     executor.add_node(probe)
     spin = threading.Thread(target=executor.spin, daemon=True)

@@ -222,7 +222,7 @@ class MonoRosHarness:
     def __init__(self, save_path: Path) -> None:
         import rclpy
         from geometry_msgs.msg import PoseStamped
-        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.executors import SingleThreadedExecutor
         from rclpy.parameter import Parameter
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import CameraInfo, Image
@@ -283,7 +283,7 @@ class MonoRosHarness:
         self.client.create_subscription(Image, f"/{NETWORK_NODE}/depth", self._on_depth, reliable)
         self.save_client = self.client.create_client(Trigger, "/surfel_mapping_node/save_map")
 
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
         for node in self.nodes:
             self.executor.add_node(node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)

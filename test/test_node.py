@@ -31,7 +31,7 @@ rclpy = pytest.importorskip("rclpy", reason="rclpy and the ROS 2 message package
 from geometry_msgs.msg import PoseStamped  # noqa: E402
 from nav_msgs.msg import Odometry  # noqa: E402
 from nav_msgs.msg import Path as PathMsg  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
@@ -55,7 +55,7 @@ FIRST_STAMP_NS = 1_000_000_000
 
 
 class NodeHarness:
-    """The node under test plus a client node, spun by a MultiThreadedExecutor thread."""
+    """The node under test plus a client node, spun in a thread as the node's main spins it."""
 
     def __init__(self, parameters: dict[str, Any], stereo: bool = False) -> None:
         self.context = rclpy.Context()
@@ -101,7 +101,7 @@ class NodeHarness:
         self.client.create_subscription(Marker, "/surfel_mapping_node/map_mesh", self.meshes.append, LATCHED)
         self.save_client = self.client.create_client(Trigger, "/surfel_mapping_node/save_map")
 
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self.executor.add_node(self.client)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
