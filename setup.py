@@ -43,6 +43,7 @@ setup(
         (f"share/{PACKAGE_NAME}", ["package.xml"]),
         share_files("launch", "*.launch.xml"),
         share_files("config", "*.yaml"),
+        share_files("config", "*.xml"),
         share_files("rviz", "*.rviz"),
     ],
     install_requires=read_requirements("base"),

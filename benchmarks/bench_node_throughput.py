@@ -58,6 +58,9 @@ PROMPT_RESPONSE_S = 0.25
 # reader missed after a heartbeat, so a repaired frame can arrive that late.
 IDLE_STEADY_S = 4.0
 CAMERA_FRAME = "camera_color_optical_frame"
+# The profile that the package's launch files give Fast DDS.
+PACKAGE_FASTDDS_PROFILE = REPO_ROOT / "config" / "fastdds_large_frames.xml"
+FASTDDS_PROFILE_VARIABLE = "FASTRTPS_DEFAULT_PROFILES_FILE"
 # Frame-level drop reasons of the node's counters: each loses one matched frame. The
 # other reasons count messages (depth, pose, camera_info, keyframe path).
 FRAME_DROP_REASONS = (
@@ -98,6 +101,10 @@ class ThroughputConfig:
             publishes ``~/map`` and ``~/keyframe_path`` when the map changed.
         idle_s: how long the subscribed node waits before the first frame, s; its
             CPU use then is what it costs while no frames come.
+        fastdds_profile: Fast DDS XML profile of both processes
+            (FASTRTPS_DEFAULT_PROFILES_FILE), or None for Fast DDS's defaults. Fast DDS
+            reads it when a process creates its first participant, so in a process
+            that already used rclpy only the node process gets it.
 
     Raises:
         ValueError: a non-positive or non-finite duration or rate, a negative first
@@ -111,6 +118,7 @@ class ThroughputConfig:
     image_queue_size: int = 10
     publish_rate_hz: float = 1.0
     idle_s: float = 2.0
+    fastdds_profile: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("seconds", "rate_hz", "publish_rate_hz", "idle_s"):
@@ -123,6 +131,10 @@ class ThroughputConfig:
             raise ValueError(f"invalid image_qos={self.image_qos!r}: use 'sensor_data' or 'reliable'")
         if self.image_queue_size < 1:
             raise ValueError(f"invalid image_queue_size={self.image_queue_size}: use 1 or more")
+        if self.fastdds_profile is not None and not Path(self.fastdds_profile).is_file():
+            raise ValueError(
+                f"Fast DDS profile {self.fastdds_profile} does not exist: pass an XML file, or none"
+            )
 
     @property
     def frame_count(self) -> int:
@@ -521,8 +533,13 @@ def run_throughput(
         )
     domain_id = 1 + os.getpid() % 100 if domain_id is None else domain_id
     environment = ros_environment(domain_id)
-    # rmw reads the discovery range when the context starts.
+    # rmw reads the discovery range when the context starts, and Fast DDS its profile.
     os.environ.update(environment)
+    if config.fastdds_profile is None:
+        os.environ.pop(FASTDDS_PROFILE_VARIABLE, None)
+    else:
+        environment[FASTDDS_PROFILE_VARIABLE] = str(Path(config.fastdds_profile).resolve())
+        os.environ.update(environment)
     import rclpy
 
     namespace = f"/node_throughput_{os.getpid()}"
@@ -974,6 +991,8 @@ def report_markdown(results: list[ThroughputResult], offline: OfflineTiming | No
         "the first frame was sent, one at a time, until the node had fused one (so its inputs are matched "
         "and its kernels loaded); the counts below leave those out. One run per column, one after the other.",
         "",
+        _transport_sentence(first.fastdds_profile),
+        "",
         *table,
         "",
     ]
@@ -991,20 +1010,32 @@ def report_markdown(results: list[ThroughputResult], offline: OfflineTiming | No
         "is busy, so it fuses at about 1 / (its time per frame), and its memory stays flat.",
         "- Frames lost before the node's callbacks are missing from its counters. They are lost inside DDS: "
         "a KEEP_LAST reader queue overwrites frames that the callbacks have not taken yet, and best effort "
-        "does not resend lost fragments of the 1.5 MB messages.",
+        "does not resend lost fragments of messages too large for the shared-memory segment.",
         "- The latency is sampled at keyframes, the only frames whose stamps a subscriber can see "
         "(in ~/keyframe_path). It includes the wait for the next publication (period "
         f"{1e3 / first.publish_rate_hz:.0f} ms).",
-        "- The node's CPU per fused frame includes receiving and decoding every published frame. It fuses "
-        "every second to fifth frame and the offline mapper every frame, so their work per frame differs.",
+        "- The node's CPU per fused frame includes receiving and decoding every published frame, so when "
+        "it skips frames, their reception is charged to the frames it fused.",
         "- The publisher of this benchmark is a Python process that serializes about 90 MB/s of images; "
-        "it and the DDS transport share the two cores with the node. Receiving and deserializing each "
-        "1.5 MB frame pair in rclpy costs the node more CPU than mapping it (compare the node's CPU per "
-        "fused frame with the offline peer's). A camera driver in C++, or the node composed in the "
-        "driver's process, would remove most of that cost; it is not measured here.",
+        "it and the DDS transport share the two cores with the node. The node's CPU per fused frame "
+        "beyond the offline peer's is what receiving, deserializing and decoding the messages costs.",
         "- Other jobs shared the CPU cores, so wall times are noisy; CPU times vary less.",
     ]
     return "\n".join(lines)
+
+
+def _transport_sentence(fastdds_profile: Path | None) -> str:
+    if fastdds_profile is None:
+        return (
+            "Transport: Fast DDS with its defaults in both processes (shared memory in 512 KiB "
+            "segments, so each image travels in fragments)."
+        )
+    name = Path(fastdds_profile).resolve()
+    display_path = name.relative_to(REPO_ROOT) if name.is_relative_to(REPO_ROOT) else name
+    return (
+        f"Transport: Fast DDS with the profile {display_path} in both processes "
+        "(FASTRTPS_DEFAULT_PROFILES_FILE, as the package's launch files set it)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1034,9 +1065,16 @@ def main(argv: list[str] | None = None) -> int:
         "--publish-rate", type=float, default=1.0, help="the node's publish_rate, Hz (default 1)"
     )
     parser.add_argument(
+        "--fastdds-profile",
+        default=str(PACKAGE_FASTDDS_PROFILE.relative_to(REPO_ROOT)),
+        help="Fast DDS XML profile of both processes, or 'none' for Fast DDS's defaults "
+        "(default: the one the launch files use)",
+    )
+    parser.add_argument(
         "--no-report", action="store_true", help="print the results; leave docs/benchmarks.md"
     )
     args = parser.parse_args(argv)
+    fastdds_profile = None if args.fastdds_profile == "none" else Path(args.fastdds_profile)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     try:
@@ -1047,6 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
                 image_qos=image_qos,
                 image_queue_size=args.image_queue_size,
                 publish_rate_hz=args.publish_rate,
+                fastdds_profile=fastdds_profile,
             )
             for image_qos in args.image_qos
         ]
@@ -1082,7 +1121,14 @@ def main(argv: list[str] | None = None) -> int:
     markdown = report_markdown(results, offline)
     print(markdown)
     if not args.no_report:
-        path = write_section("node_throughput", "surfel_mapping_node at 30 Hz RGB-D", markdown)
+        if fastdds_profile is None:
+            path = write_section(
+                "node_throughput_fastdds_defaults",
+                "surfel_mapping_node at 30 Hz RGB-D, Fast DDS defaults",
+                markdown,
+            )
+        else:
+            path = write_section("node_throughput", "surfel_mapping_node at 30 Hz RGB-D", markdown)
         print(f"wrote {path}")
     return 0
 

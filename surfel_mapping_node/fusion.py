@@ -252,7 +252,7 @@ def _fuse_kernel(  # pragma: no cover - numba kernel
 ):
     """Fuse every active row in place, rows in parallel.
 
-    Outputs, per row: outcome holds the _IN_VIEW, _FUSED, _FREE_SPACE and _STALE bits;
+    Outputs, per row: outcome contains the _IN_VIEW, _FUSED, _FREE_SPACE and _STALE bits;
     previous_owner the keyframe that owned a fused row before this frame's keyframe
     took it over, else -1. fused_labels is set True for every label fused into (rows
     may race to set it, but all write True).

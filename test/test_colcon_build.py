@@ -50,7 +50,7 @@ def test_share_holds_launch_config_rviz_and_package_files(install_dir: Path):
     share = install_dir / "share" / PACKAGE
     expected = {
         "launch": sorted(p.name for p in (REPO_ROOT / "launch").glob("*.launch.xml")),
-        "config": sorted(p.name for p in (REPO_ROOT / "config").glob("*.yaml")),
+        "config": sorted(p.name for p in (REPO_ROOT / "config").iterdir() if p.suffix in (".yaml", ".xml")),
         "rviz": sorted(p.name for p in (REPO_ROOT / "rviz").glob("*.rviz")),
     }
 

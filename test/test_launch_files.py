@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import os
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -393,3 +396,36 @@ def test_inference_parameter_type_check_catches_a_wrong_type(inference_node_para
     assert Parameter.Type.from_parameter_value(5) != inference_node_parameters["max_rate"]
     assert Parameter.Type.from_parameter_value(5.0) == inference_node_parameters["max_rate"]
     assert Parameter.Type.from_parameter_value(["cpu"]) == inference_node_parameters["providers"]
+
+
+@pytest.mark.parametrize("launch_file", LAUNCH_FILES, ids=lambda p: p.name)
+def test_fastdds_profile_is_set(launch_file: Path):
+    """Each launch file points Fast DDS at the package's profile (installed: see test_colcon_build)."""
+    root = ET.parse(launch_file).getroot()
+    args = arg_defaults(root)
+    profiles = [
+        resolve(env.get("value"), args)
+        for env in root.iter("set_env")
+        if env.get("name") == "FASTRTPS_DEFAULT_PROFILES_FILE"
+    ]
+    assert profiles == [str(REPO_ROOT / "config" / "fastdds_large_frames.xml")], (
+        f"{launch_file.name} must set FASTRTPS_DEFAULT_PROFILES_FILE once, to the package's profile"
+    )
+
+
+def test_fastdds_accepts_the_profile():
+    """Fast DDS parses the profile and creates a participant with it (errors go to stderr)."""
+    profile = REPO_ROOT / "config" / "fastdds_large_frames.xml"
+    environment = {
+        **os.environ,
+        "FASTRTPS_DEFAULT_PROFILES_FILE": str(profile),
+        "RMW_IMPLEMENTATION": "rmw_fastrtps_cpp",
+        "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+        "ROS_DOMAIN_ID": str(1 + os.getpid() % 100),
+    }
+    script = "import rclpy; rclpy.init(); rclpy.create_node('profile_check').destroy_node(); rclpy.shutdown()"
+    completed = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=60
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "XMLPARSER" not in completed.stderr, completed.stderr

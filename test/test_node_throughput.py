@@ -5,7 +5,8 @@ this process publishes the frames. There are two runs. In the first, the DDS que
 can contain every frame, so every published frame must be fused or counted as
 dropped, and the last map update must contain everything fused. In the second, the
 queues are 10 frames long, and the node's memory must stay within what they can
-contain. Both nodes must stop cleanly on SIGINT. Nothing here checks speed: on a
+contain. Both runs use the Fast DDS profile of the launch files. Both nodes must stop
+cleanly on SIGINT. Nothing here checks speed: on a
 loaded machine the node fuses fewer frames and skips more, and every check still
 applies.
 """
@@ -21,6 +22,7 @@ import pytest
 rclpy = pytest.importorskip("rclpy", reason="rclpy and the ROS 2 message packages are not installed")
 
 from benchmarks.bench_node_throughput import (  # noqa: E402
+    PACKAGE_FASTDDS_PROFILE,
     NodeRunError,
     ThroughputConfig,
     ThroughputResult,
@@ -51,6 +53,7 @@ def throughput_run(seven_scenes_dir: Path, work_dir: Path, image_queue_size: int
         image_queue_size=image_queue_size,
         publish_rate_hz=5.0,
         idle_s=0.5,
+        fastdds_profile=PACKAGE_FASTDDS_PROFILE,
     )
     messages = load_frame_messages(seven_scenes_dir, 0, config.frame_count).messages
     return run_throughput(messages, config, work_dir, domain_id=domain_id())
