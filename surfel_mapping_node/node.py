@@ -79,7 +79,7 @@ from visualization_msgs.msg import Marker
 from surfel_mapping_node import ros_conversions as conv
 from surfel_mapping_node.camera import PinholeCamera
 from surfel_mapping_node.frame_sync import FrameSynchronizer, MatchedFrame
-from surfel_mapping_node.mapper import SurfelCloud, SurfelMapper
+from surfel_mapping_node.mapper import SurfelCloud, SurfelMapper, compile_kernels
 from surfel_mapping_node.node_parameters import (
     INPUT_TOPICS,
     MAPPER_SECTIONS_NOT_PARAMETERS,
@@ -90,6 +90,7 @@ from surfel_mapping_node.node_parameters import (
     NodeSettings,
     ParamSpec,
     all_parameter_specs,
+    parameter_help,
     settings_from_parameters,
 )
 from surfel_mapping_node.poses import InvalidPoseError, invert
@@ -135,6 +136,10 @@ LATCHED_QOS = QoSProfile(
     reliability=ReliabilityPolicy.RELIABLE,
     durability=DurabilityPolicy.TRANSIENT_LOCAL,
 )
+
+
+# Period of the check for inputs that stay silent while others arrive, s.
+INPUT_CHECK_PERIOD_S = 5.0
 
 
 class SaveResult(NamedTuple):
@@ -196,6 +201,8 @@ class SurfelMappingNode(Node):
         self._mapper_lock = threading.Lock()
         self._publish_due = False
         self._stopping = False
+        # Inputs without a message while others arrive, as of the last check.
+        self._silent_inputs: list[str] = []
         self._warned: set[str] = set()
         self._counters = _Counters()
         self._stage_ms_sum: dict[str, float] = {}
@@ -231,6 +238,7 @@ class SurfelMappingNode(Node):
         self._path_pub = self.create_publisher(PathMsg, "~/keyframe_path", LATCHED_QOS)
         self.create_service(Trigger, "~/save_map", self._on_save_map)
         self.create_timer(1.0 / s.publish_rate_hz, self._on_publish_timer)
+        self.create_timer(INPUT_CHECK_PERIOD_S, self._check_inputs)
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         # Step 5: the worker, which sleeps until a frame, a keyframe path or a
@@ -273,7 +281,7 @@ class SurfelMappingNode(Node):
         if unknown:
             raise NodeParameterError(
                 f"unknown parameter {unknown[0]!r}: check its spelling; "
-                f"`ros2 param list {self.get_fully_qualified_name()}` lists the declared ones"
+                f"`{NODE_NAME} --help` lists the declared ones"
             )
         return settings_from_parameters(values)
 
@@ -335,18 +343,25 @@ class SurfelMappingNode(Node):
             image, depth, info = INPUT_TOPICS[s.input_mode]
             streams = [(image, "image"), (depth, "depth")]
             infos = [(info, "image")]
+        # Input name -> resolved topic, for the check of silent inputs.
+        self._input_topics: dict[str, str] = {}
         for topic, stream in streams:
-            self.create_subscription(
+            subscription = self.create_subscription(
                 Image, topic, partial(self._on_image, stream), image_qos, callback_group=group
             )
+            self._input_topics[stream] = subscription.topic_name
         for topic, stream in infos:
-            self.create_subscription(
+            subscription = self.create_subscription(
                 CameraInfo, topic, partial(self._on_camera_info, stream), image_qos, callback_group=group
             )
+            self._input_topics[f"{stream} camera_info"] = subscription.topic_name
 
         pose_msg_type = Odometry if s.pose_type == "odometry" else PoseStamped
         pose_topic, keyframes_topic = STATE_TOPICS
-        self.create_subscription(pose_msg_type, pose_topic, self._on_pose, pose_qos, callback_group=group)
+        subscription = self.create_subscription(
+            pose_msg_type, pose_topic, self._on_pose, pose_qos, callback_group=group
+        )
+        self._input_topics["pose"] = subscription.topic_name
         self.create_subscription(PathMsg, keyframes_topic, self._on_keyframes, pose_qos, callback_group=group)
         self.get_logger().info(
             f"subscribed ({s.input_mode}): "
@@ -432,6 +447,34 @@ class SurfelMappingNode(Node):
             self._pending_path = path
             self._work_ready.notify()
 
+    def _check_inputs(self) -> None:
+        """Warn once for each input that has had no message while other inputs arrive.
+
+        A silent input usually means a wrong remapping or a QoS that does not match the
+        publisher's, and without it no frame is ever matched.
+        """
+        with self._lock:
+            received = dict(self._sync.stats.received)
+            cameras = set(self._cameras)
+        counts = {}
+        for name in self._input_topics:
+            if name.endswith(" camera_info"):
+                counts[name] = int(name.removesuffix(" camera_info") in cameras)
+            else:
+                counts[name] = received.get(name, 0)
+        arriving = [name for name, count in counts.items() if count > 0]
+        silent = [name for name, count in counts.items() if count == 0] if arriving else []
+        with self._lock:
+            self._silent_inputs = silent
+        for name in silent:
+            self._warn_once(
+                f"silent:{name}",
+                f"no {name} message yet on {self._input_topics[name]} while {', '.join(arriving)} "
+                "arrive: no frame can be matched without it; check the remapping and that the "
+                f"publisher's QoS is compatible (image_qos={self.settings.image_qos}, "
+                f"pose_qos={self.settings.pose_qos})",
+            )
+
     def _add_to_sync(self, stream: str, stamp_ns: int, payload: Any) -> None:
         with self._lock:
             matched = self._sync.add(stream, stamp_ns, payload)
@@ -445,6 +488,11 @@ class SurfelMappingNode(Node):
     # --- work: integrate, correct, publish, save ------------------------------------
 
     def _run_worker(self) -> None:
+        try:
+            seconds = compile_kernels(self.settings.mapper_config)
+            self.get_logger().info(f"mapping kernels ready ({seconds:.1f} s)")
+        except Exception as error:  # The first frame compiles them instead.
+            self.get_logger().error(f"mapping kernels not compiled at start: {error!r}")
         while True:
             with self._lock:
                 self._work_ready.wait_for(self._has_work)
@@ -679,7 +727,8 @@ class SurfelMappingNode(Node):
         """Write the map (possibly empty) as PLY to ``path`` or ``save_path``, atomically.
 
         Missing parent folders are created. A failed write (OSError, ValueError) comes
-        back as ``success=False`` with the reason instead of raising.
+        back as ``success=False`` with the reason instead of raising, and so does an
+        empty map when the file exists: it is not overwritten.
         """
         target = Path(path or self.settings.save_path).expanduser()
         try:
@@ -687,6 +736,14 @@ class SurfelMappingNode(Node):
 
             with self._mapper_lock:
                 cloud = self._cloud()
+            if len(cloud.position_m) == 0 and target.exists():
+                # An empty map must not replace a map saved before, e.g. by an earlier run.
+                message = (
+                    f"the map is empty: {target} was not overwritten "
+                    "(save to another path to write an empty map)"
+                )
+                self.get_logger().warning(message)
+                return SaveResult(False, message)
             if target.parent.exists() and not target.parent.is_dir():
                 raise NotADirectoryError(f"{target.parent} is a file, not a folder: choose another save_path")
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -740,6 +797,17 @@ class SurfelMappingNode(Node):
         else:
             self.get_logger().warning(message)
 
+    def log_totals(self) -> None:
+        """Log what the node did since it started: frames fused, skipped and dropped."""
+        totals = self.counters()
+        sync_dropped = {kind: sum(streams.values()) for kind, streams in totals["sync_dropped"].items()}
+        self.get_logger().info(
+            f"totals: {totals['frames_processed']} frames fused, {totals['frames_skipped_busy']} "
+            f"skipped while busy; messages received {totals['received']}; dropped by sync "
+            f"{sync_dropped}; dropped here {totals['dropped'] or 'none'}; "
+            f"{totals['keyframe_updates']} keyframe corrections"
+        )
+
     def counters(self) -> dict[str, Any]:
         """Return a snapshot of what the node did (frames, drops, corrections), for tests and logs."""
         with self._lock:
@@ -754,6 +822,7 @@ class SurfelMappingNode(Node):
                 "keyframe_updates": c.keyframe_updates,
                 "unknown_keyframe_stamps": c.unknown_keyframe_stamps,
                 "keyframes": len(self._keyframes),
+                "silent_inputs": list(self._silent_inputs),
                 # Whether ~/map shows the current map, and the stamp of its last publication.
                 "map_published": self._published_version == self._map_version,
                 "last_publish_stamp_ns": self._last_publish_stamp_ns,
@@ -777,8 +846,23 @@ def _nearest_stamp(sorted_stamps_ns: np.ndarray, stamp_ns: int) -> int | None:
 
 def main(args: list[str] | None = None) -> int:
     """Run the node until Ctrl-C or SIGTERM; exit code 2 when a parameter is invalid."""
+    command_line = sys.argv[1:] if args is None else args
+    if "--ros-args" in command_line:
+        command_line = command_line[: command_line.index("--ros-args")]
+    if "-h" in command_line or "--help" in command_line:
+        print(f"usage: {NODE_NAME} [--ros-args -r TOPIC:=NEW_TOPIC ... -p NAME:=VALUE ...]\n")
+        print(__doc__)
+        print("Parameters:")
+        print(parameter_help())
+        return 0
+
     # Without rclpy's signal handler Ctrl-C raises KeyboardInterrupt while the context is
-    # still valid, so save_on_shutdown can still log.
+    # still valid, so save_on_shutdown can still log. SIGTERM (how ros2 launch and
+    # process managers stop nodes) does the same. SIGINT gets its handler back because
+    # a command that a script starts in the background inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     logger = get_logger(NODE_NAME)
     try:
@@ -791,9 +875,6 @@ def main(args: list[str] | None = None) -> int:
         rclpy.try_shutdown()
         return 0
 
-    # ros2 launch and process managers stop nodes with SIGTERM: handle it like Ctrl-C,
-    # so that save_on_shutdown writes the map then too.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     executor = SingleThreadedExecutor()
     try:
         executor.add_node(node)
@@ -802,6 +883,7 @@ def main(args: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        node.log_totals()
         if node.settings.save_on_shutdown:
             node.save_map()
         executor.shutdown()

@@ -214,6 +214,15 @@ def all_parameter_specs() -> dict[str, ParamSpec]:
     return {spec.name: spec for spec in (*PARAMETER_SPECS, *mapper_parameter_specs())}
 
 
+def parameter_help() -> str:
+    """Return every parameter with its default, what it accepts and its description."""
+    lines = []
+    for name, spec in all_parameter_specs().items():
+        lines.append(f"  {name} (default {spec.default!r}; {spec.allowed()})")
+        lines.append(f"      {spec.description}")
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     """The validated node parameters (the mapper's are in ``mapper_config``)."""

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from surfel_mapping_node import fusion, superpixels, surfel_extraction
 from surfel_mapping_node.camera import PinholeCamera
-from surfel_mapping_node.config import KeyframeConfig, MapperConfig
-from surfel_mapping_node.mapper import SurfelMapper
+from surfel_mapping_node.config import KeyframeConfig, MapperConfig, preset_for_format
+from surfel_mapping_node.mapper import SurfelMapper, compile_kernels
 from surfel_mapping_node.surfel_extraction import FrameSurfels
 
 CAMERA = PinholeCamera(width=80, height=64, fx=60.0, fy=60.0, cx=39.5, cy=31.5)
@@ -306,3 +307,12 @@ def test_end_to_end_textured_wall() -> None:
     assert len(cloud) < 2 * all_stats[0].surfels_created
     np.testing.assert_allclose(cloud.position_m[:, 2], 2.0, atol=0.01)
     np.testing.assert_allclose(np.abs(cloud.normal[:, 2]), 1.0, atol=0.01)
+
+
+@pytest.mark.parametrize("dataset_format", ["7scenes", "kitti"])
+def test_compile_kernels_compiles_each_stage(dataset_format: str):
+    seconds = compile_kernels(MapperConfig.from_dict(preset_for_format(dataset_format)))
+
+    assert seconds > 0
+    for kernel in (superpixels._assign_pixels, surfel_extraction._fit_surfels, fusion._fuse_kernel):
+        assert kernel.signatures, f"{kernel.__name__} was not compiled"

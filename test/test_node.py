@@ -481,6 +481,34 @@ def test_bad_input_dropped_and_counted(make_harness, tmp_path: Path):
     }
 
 
+def test_silent_input_is_reported(make_harness, tmp_path: Path):
+    harness = make_harness(rgbd_parameters(tmp_path))
+    harness.info_pubs["image"].publish(camera_info(96, 72, 80.0, 47.5, 35.5))
+    _, depth_mm = synthetic_frame(2)
+
+    # Depth and pose arrive but the image never does, as with a wrong remapping.
+    def depth_and_pose_only() -> bool:
+        stamp_ns = time.time_ns()
+        harness.publish_frame({"depth": conv.numpy_to_image(depth_mm, "16UC1", 0, "c")}, np.eye(4), stamp_ns)
+        return harness.counters()["silent_inputs"] != []
+
+    assert harness.wait_for(depth_and_pose_only, 30), "the silent image input was not reported"
+    assert harness.counters()["silent_inputs"] == ["image"]
+    assert harness.counters()["frames_processed"] == 0
+
+
+def test_empty_map_keeps_existing_file(make_harness, tmp_path: Path):
+    target = tmp_path / "map.ply"
+    target.write_bytes(b"an earlier map")
+    harness = make_harness(rgbd_parameters(tmp_path))
+
+    response = harness.save()
+
+    assert not response.success
+    assert response.message.startswith(f"the map is empty: {target} was not overwritten")
+    assert target.read_bytes() == b"an earlier map"
+
+
 def test_unknown_keyframe_stamps_change_nothing(make_harness, tmp_path: Path):
     harness = make_harness(rgbd_parameters(tmp_path, publish_mesh=True, mesh_segments=5))
     harness.info_pubs["image"].publish(camera_info(96, 72, 80.0, 47.5, 35.5))
@@ -599,13 +627,36 @@ def test_executable_invalid_parameter_exits():
     )
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
-def test_stop_signal_saves_map(tmp_path: Path, stop_signal: int):
+def test_help_lists_every_parameter():
+    command = [sys.executable, "-m", "surfel_mapping_node.node", "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: surfel_mapping_node")
+    for name in ("input_mode", "save_path", "fusion.max_weight", "superpixels.grid_px"):
+        assert f"\n  {name} (default " in result.stdout
+
+
+def _ignore_sigint() -> None:
+    # What a non-interactive shell does to the commands it starts in the background.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize(
+    ("stop_signal", "start_in_background"),
+    [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["sigint", "sigterm", "sigint_after_background_start"],
+)
+def test_stop_signal_saves_map(tmp_path: Path, stop_signal: int, start_in_background: bool):
     target = tmp_path / "on_exit" / "map.ply"
     env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID))
     command = [sys.executable, "-m", "surfel_mapping_node.node", "--ros-args", "-p", "save_on_shutdown:=true"]
     process = subprocess.Popen(
-        [*command, "-p", f"save_path:={target}"], env=env, stderr=subprocess.PIPE, text=True
+        [*command, "-p", f"save_path:={target}"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_ignore_sigint if start_in_background else None,
     )
     try:
         for line in process.stderr:
@@ -620,3 +671,4 @@ def test_stop_signal_saves_map(tmp_path: Path, stop_signal: int):
     assert process.returncode == 0, stderr
     assert len(read_surfel_ply(target)) == 0
     assert f"saved 0 surfels to {target}" in stderr
+    assert "totals: 0 frames fused, 0 skipped while busy" in stderr
