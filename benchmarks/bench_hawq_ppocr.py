@@ -15,12 +15,16 @@ Compared, on the same inputs in one run:
    without that, ``quantize_static`` treats the weights as activations.
 3. HAWQ: per-layer Hessian traces of a distillation loss (Gauss-Newton output
    probes, exact for distillation at the float weights; no power iteration) choose
-   the bits per layer (default 4 or 8, MSE weight clipping) under a weight budget
-   (default 1/5 of the FP32 weight bytes).
-   Activation traces (HAWQ-V2) rank the uint8 activation tensors by their expected
-   loss increase Tr(H_a) * scale^2 / 12. The top-ranked ones stay float (the tool's
-   float-activation option): the smallest count from a fixed ladder whose pooled
-   IoU on the calibration crops reaches the target.
+   the bits per layer (default 4 or 8, max-abs weight scales) under a weight budget
+   (default 1/5 of the FP32 weight bytes). By default 4-bit weights get one scale
+   per 64 input channels (DequantizeLinear blocked quantization), whose bytes count
+   in the budget, and activations stay float (weight-only quantization).
+4. For comparison, the same allocation with one scale per output channel, weight-only
+   and with uint8 activations. With uint8 activations, activation traces (HAWQ-V2)
+   rank the tensors by their expected loss increase Tr(H_a) * scale^2 / 12, and the
+   top-ranked ones stay float (the tool's float-activation option): the smallest
+   count from a fixed ladder whose pooled IoU on the calibration crops reaches the
+   target.
 
 Run from the repository root::
 
@@ -418,6 +422,9 @@ class HawqResult:
     activation_memory: PeakMemory
     quantized_activations: int
     model: onnx.ModelProto
+    block_size: int | None = None
+    # Bytes of the weights in the file: integers, scales and zero points.
+    stored_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -435,6 +442,9 @@ class HawqSettings:
         bits: candidate weight bit widths.
         weight_clipping: weight scales of 2..4-bit layers.
         trace_method: joint or per-layer Hutchinson traces.
+        block_size: input channels per weight scale below 8 bits, or None for one
+            scale per output channel.
+        weight_only: keep every activation in float.
     """
 
     size_ratio: float = 0.2
@@ -447,6 +457,18 @@ class HawqSettings:
     bits: tuple[int, ...] = (4, 8)
     weight_clipping: WeightClipping = WeightClipping.MAX_ABS
     trace_method: TraceMethod = TraceMethod.GAUSS_NEWTON
+    block_size: int | None = 64
+    weight_only: bool = True
+
+
+def stored_weight_bytes(path: Path, weights: Sequence[str]) -> int:
+    """Return the bytes of the named weights' integer, scale and zero-point initializers in PATH."""
+    names = {f"{w}{suffix}" for w in weights for suffix in ("_quantized", "_scale", "_zero_point")}
+    total = 0
+    for init in onnx.load(str(path)).graph.initializer:
+        if init.name in names:
+            total += len(init.raw_data) if init.raw_data else onnx.numpy_helper.to_array(init).nbytes
+    return total
 
 
 def hawq_quantize(
@@ -464,13 +486,6 @@ def hawq_quantize(
         hessian_inputs[i : i + settings.hessian_batch]
         for i in range(0, len(hessian_inputs), settings.hessian_batch)
     ]
-
-    # Activation ranges in onnxruntime on the full calibration crops.
-    names = activation_tensors(prepared.onnx_model, layers)
-    calibration = calibrate(
-        prepared.onnx_model, names, [{"x": crops[i : i + 8]} for i in range(0, len(crops), 8)]
-    )
-    qparams = propagate_pass_through(prepared.onnx_model, calibration.qparams)
 
     # Weight Hessian traces (the allocation needs no eigenvalues), then the bits.
     hessian_settings = HessianSettings(
@@ -495,12 +510,46 @@ def hawq_quantize(
         [layer.channel_axis for layer in layers],
         settings.bits,
         settings.weight_clipping,
+        settings.block_size,
     )
     num_params = [layer.num_params for layer in layers]
     fp32_bytes = weight_size_bytes(num_params, [32] * len(layers))
     allocation = allocate_bits(
-        [s.omega for s in sensitivities], num_params, settings.size_ratio * fp32_bytes
+        [s.omega for s in sensitivities],
+        num_params,
+        settings.size_ratio * fp32_bytes,
+        bits_per_weight=[s.storage_bits for s in sensitivities],
     )
+    if settings.weight_only:
+        path = folder / "hawq.onnx"
+        qdq = build_qdq_model(
+            prepared.onnx_model, layers, allocation.bits, {}, settings.weight_clipping, settings.block_size
+        )
+        write_qdq_model(qdq, path)
+        return HawqResult(
+            path=path,
+            bits=list(allocation.bits),
+            size_bytes=allocation.size_bytes,
+            fp32_bytes=fp32_bytes,
+            protected=[],
+            ranking=[],
+            ladder=[],
+            layer_names=[layer.node_name for layer in layers],
+            layer_traces=[c.trace for c in curvatures],
+            hessian_memory=hessian_memory,
+            activation_memory=PeakMemory(),
+            quantized_activations=0,
+            model=prepared.onnx_model,
+            block_size=settings.block_size,
+            stored_bytes=stored_weight_bytes(path, [layer.weight for layer in layers]),
+        )
+
+    # Activation ranges in onnxruntime on the full calibration crops.
+    names = activation_tensors(prepared.onnx_model, layers)
+    calibration = calibrate(
+        prepared.onnx_model, names, [{"x": crops[i : i + 8]} for i in range(0, len(crops), 8)]
+    )
+    qparams = propagate_pass_through(prepared.onnx_model, calibration.qparams)
 
     # Activation traces rank the uint8 tensors by expected loss increase.
     quantized = list(calibration.qparams)
@@ -526,7 +575,7 @@ def hawq_quantize(
         protected = select_float_activations(ranking, count)
         kept = without_float_activations(qparams, protected, prepared.onnx_model)
         qdq = build_qdq_model(
-            prepared.onnx_model, layers, allocation.bits, kept, settings.weight_clipping
+            prepared.onnx_model, layers, allocation.bits, kept, settings.weight_clipping, settings.block_size
         )
         candidate = folder / f"hawq_protect{count}.onnx"
         write_qdq_model(qdq, candidate)
@@ -555,6 +604,8 @@ def hawq_quantize(
         activation_memory=activation_memory,
         quantized_activations=len(quantized),
         model=prepared.onnx_model,
+        block_size=settings.block_size,
+        stored_bytes=stored_weight_bytes(chosen_path, [layer.weight for layer in layers]),
     )
 
 
@@ -632,7 +683,9 @@ def format_report(
         f"Hessian analysis on {hawq_settings(args).hessian_samples} crops of "
         f"{hawq_settings(args).hessian_crop} px, {args.probes} Hutchinson probes "
         f"({args.trace_method} traces, no power iteration); weight scales: "
-        f"{args.weight_clipping} clipping for 2..4-bit layers.",
+        f"{args.weight_clipping} clipping for 2..4-bit layers, "
+        + (f"one per {args.block_size} input channels below 8 bits" if args.block_size else "per channel")
+        + (", activations in uint8." if args.uint8_activations else ", activations in float (weight-only)."),
         "",
         "| image | FP32 text px | " + " | ".join(labels) + " |",
         "|---|---|" + "---|" * len(labels),
@@ -662,40 +715,35 @@ def format_report(
         status = "loads and runs" if run.error is None else f"fails: `{run.error}`"
         lines.append(f"- opset {run.opset}: {status}")
 
+    lines += ["", *_variant_lines("HAWQ", hawq, args.size_ratio)]
+    for label, alternative in (alternatives or {}).items():
+        lines += _variant_lines(label, alternative, args.size_ratio)
     lines += [
         "",
-        f"HAWQ weights: bits {bit_counts(hawq.bits)} (layers per width); "
-        f"{hawq.size_bytes / 1e6:.3f} MB of {hawq.fp32_bytes / 1e6:.3f} MB FP32 "
-        f"({hawq.size_bytes / hawq.fp32_bytes:.3f} of FP32; budget {args.size_ratio}).",
-        f"Highest weight traces Tr(H)/n (kept at 8 bits: "
-        f"{', '.join(top_layers(hawq, 5))}).",
-        "",
-        f"Activation protection (of {hawq.quantized_activations} uint8 tensors; pooled crop "
-        f"IoU per number kept float): "
-        + ", ".join(f"{count}: {score:.3f}" for count, score in hawq.ladder),
-        *(
-            f"With {label} weights: bits {bit_counts(alt.bits)}; pooled crop IoU per number "
-            "kept float: " + ", ".join(f"{count}: {score:.3f}" for count, score in alt.ladder)
-            for label, alt in (alternatives or {}).items()
-        ),
-        "",
-        "| rank | tensor | producer -> consumers | Tr(H_a)·scale²/12 | kept float |",
-        "|---|---|---|---|---|",
+        f"Highest weight traces Tr(H)/n (kept at 8 bits: {', '.join(top_layers(hawq, 5))}).",
     ]
-    protected = set(hawq.protected)
-    for rank, row in enumerate(hawq.ranking[:10], start=1):
-        lines.append(
-            f"| {rank} | `{row.name}` | {describe_tensor(model, row.name)} | {row.score:.3e} | "
-            f"{'yes' if row.name in protected else 'no'} |"
-        )
+    ranked = next((r for r in [hawq, *(alternatives or {}).values()] if r.ranking), None)
+    if ranked is not None:
+        lines += [
+            "",
+            "| rank | tensor | producer -> consumers | Tr(H_a)·scale²/12 | kept float |",
+            "|---|---|---|---|---|",
+        ]
+        protected = set(ranked.protected)
+        for rank, row in enumerate(ranked.ranking[:10], start=1):
+            lines.append(
+                f"| {rank} | `{row.name}` | {describe_tensor(model, row.name)} | {row.score:.3e} | "
+                f"{'yes' if row.name in protected else 'no'} |"
+            )
+    activation_memory = ranked.activation_memory if ranked is not None else PeakMemory()
 
     fp32_ms = latencies["FP32"]
     lines += [
         "",
         f"Hessian analysis (weights, {len(hawq.bits)} layers): "
         f"{hawq.hessian_memory.seconds:.1f} s, peak memory +{hawq.hessian_memory.increase_mib:.0f}"
-        f" MiB; activation traces: {hawq.activation_memory.seconds:.1f} s, "
-        f"+{hawq.activation_memory.increase_mib:.0f} MiB.",
+        f" MiB; activation traces: {activation_memory.seconds:.1f} s, "
+        f"+{activation_memory.increase_mib:.0f} MiB.",
         "",
         f"onnxruntime CPU latency, input {latency_shape}, median of {args.repeats} interleaved "
         "runs: "
@@ -705,6 +753,24 @@ def format_report(
         + ".",
     ]
     return "\n".join(lines)
+
+
+def _variant_lines(label: str, result: HawqResult, budget: float) -> list[str]:
+    """Return the report lines of one HAWQ variant: bits, size and activation protection."""
+    lines = [
+        f"- {label}: bits {bit_counts(result.bits)} (layers per width); {result.size_bytes / 1e6:.3f} MB "
+        f"of {result.fp32_bytes / 1e6:.3f} MB FP32 ({result.size_bytes / result.fp32_bytes:.3f} of FP32"
+        f"{', block scales included' if result.block_size else ''}; budget {budget}). "
+        f"In the file, with every scale and zero point: {result.stored_bytes / 1e6:.3f} MB "
+        f"({result.stored_bytes / result.fp32_bytes:.3f} of FP32)."
+    ]
+    if result.ladder:
+        lines.append(
+            f"  Activation protection (of {result.quantized_activations} uint8 tensors; pooled crop "
+            "IoU per number kept float): "
+            + ", ".join(f"{count}: {score:.3f}" for count, score in result.ladder)
+        )
+    return lines
 
 
 def bit_counts(bits: Sequence[int]) -> str:
@@ -732,6 +798,8 @@ def hawq_settings(args: argparse.Namespace) -> HawqSettings:
         trace_method=TraceMethod(args.trace_method),
         probes=args.probes,
         target_iou=args.target_iou,
+        block_size=args.block_size or None,
+        weight_only=not args.uint8_activations,
     )
 
 
@@ -763,6 +831,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--trace-method", choices=[m.value for m in TraceMethod], default=defaults.trace_method.value
     )
     parser.add_argument("--probes", type=int, default=defaults.probes)
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=defaults.block_size,
+        help="input channels per weight scale below 8 bits; 0 for one scale per output channel",
+    )
+    parser.add_argument(
+        "--uint8-activations", action="store_true", help="quantize activations too (default: weight-only)"
+    )
     parser.add_argument("--target-iou", type=float, default=defaults.target_iou)
     parser.add_argument("--repeats", type=int, default=20, help="latency runs per model")
     parser.add_argument("--quick", action="store_true", help="small settings, implies --no-write")
@@ -778,6 +855,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("max_side", "crops", "crop_size", "hessian_crop", "hessian_samples", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.block_size < 0:
+        parser.error(f"--block-size must be >= 0 (0: per channel), got {args.block_size}")
     if not 0 < args.size_ratio <= 1:
         parser.error(f"--size-ratio must be in (0, 1], got {args.size_ratio}")
     return args
@@ -821,16 +900,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         sessions["HAWQ"] = make_session(hawq.path)
         evaluation.rows["HAWQ"] = compare_maps(run_maps(sessions["HAWQ"], inputs), references)
 
-        # The same allocation procedure with the other weight clipping, for comparison.
-        other = next(c for c in WeightClipping if c is not settings.weight_clipping)
-        (folder / other.value).mkdir()
-        alternative = hawq_quantize(
-            model_path, crops, replace(settings, weight_clipping=other), folder / other.value
-        )
-        evaluation.rows[f"HAWQ, {other.value} weights"] = compare_maps(
-            run_maps(make_session(alternative.path), inputs), references
-        )
-        alternatives = {other.value: alternative}
+        # The same allocation with one scale per output channel, weight-only and with
+        # uint8 activations, for comparison.
+        comparisons = {
+            "HAWQ, per-channel scales": replace(settings, block_size=None, weight_only=True),
+            "HAWQ, per-channel scales, uint8 activations": replace(
+                settings, block_size=None, weight_only=False
+            ),
+        }
+        alternatives = {}
+        for index, (label, variant) in enumerate(comparisons.items()):
+            if variant == settings:
+                continue
+            (folder / f"variant{index}").mkdir()
+            alternatives[label] = hawq_quantize(model_path, crops, variant, folder / f"variant{index}")
+            evaluation.rows[label] = compare_maps(
+                run_maps(make_session(alternatives[label].path), inputs), references
+            )
 
         # Latency on the largest evaluation input.
         largest = max(inputs.values(), key=lambda x: x.size)

@@ -140,6 +140,8 @@ LATCHED_QOS = QoSProfile(
 
 # Period of the check for inputs that stay silent while others arrive, s.
 INPUT_CHECK_PERIOD_S = 5.0
+# How long a matched frame waits for a camera_info that has not arrived yet, s.
+CAMERA_INFO_WAIT_S = 0.5
 
 
 class SaveResult(NamedTuple):
@@ -203,6 +205,7 @@ class SurfelMappingNode(Node):
         self._stopping = False
         # Inputs without a message while others arrive, as of the last check.
         self._silent_inputs: list[str] = []
+        self._kernels_ready = False
         self._warned: set[str] = set()
         self._counters = _Counters()
         self._stage_ms_sum: dict[str, float] = {}
@@ -399,6 +402,7 @@ class SurfelMappingNode(Node):
             self._cameras[stream] = camera
             if baseline_m is not None:
                 self._baseline_m = baseline_m
+            self._work_ready.notify()
         if previous is not None and previous != camera:
             self._warn_once(
                 f"camera_changed:{stream}",
@@ -493,6 +497,8 @@ class SurfelMappingNode(Node):
             self.get_logger().info(f"mapping kernels ready ({seconds:.1f} s)")
         except Exception as error:  # The first frame compiles them instead.
             self.get_logger().error(f"mapping kernels not compiled at start: {error!r}")
+        with self._lock:
+            self._kernels_ready = True
         while True:
             with self._lock:
                 self._work_ready.wait_for(self._has_work)
@@ -533,9 +539,14 @@ class SurfelMappingNode(Node):
         s = self.settings
         start = time.perf_counter()
 
-        # Step 1: the camera, and the mapper once the camera is known.
+        # Step 1: the camera, and the mapper once the camera is known. A publisher's
+        # first camera_info can arrive just after its first images, so wait briefly.
         reference = "left" if s.input_mode == "stereo" else "image"
+        needed = {"left", "right"} if s.input_mode == "stereo" else {"image"}
         with self._lock:
+            self._work_ready.wait_for(
+                lambda: needed <= self._cameras.keys() or self._stopping, timeout=CAMERA_INFO_WAIT_S
+            )
             camera = self._cameras.get(reference)
             right_camera = self._cameras.get("right")
             baseline_m = self._baseline_m
@@ -823,6 +834,8 @@ class SurfelMappingNode(Node):
                 "unknown_keyframe_stamps": c.unknown_keyframe_stamps,
                 "keyframes": len(self._keyframes),
                 "silent_inputs": list(self._silent_inputs),
+                # Whether the worker finished compiling the mapping kernels at start.
+                "kernels_ready": self._kernels_ready,
                 # Whether ~/map shows the current map, and the stamp of its last publication.
                 "map_published": self._published_version == self._map_version,
                 "last_publish_stamp_ns": self._last_publish_stamp_ns,

@@ -260,3 +260,19 @@ def test_range_observers() -> None:
         RangeObserver().qparams()
     with pytest.raises(ValueError, match="weight bits must be between 2 and 8, got 9"):
         quantize_weight_np(data.reshape(1, -1), 9, 0)
+
+
+def test_block_scales_count_in_the_size_budget() -> None:
+    # Two layers of 1000 weights; layer 0 suffers far more at 4 bits. (8, 4) bits take
+    # 1500 bytes nominally and 1750 when each 4-bit weight also stores 2 bits of scales.
+    omega = [{4: 10.0, 8: 0.0}, {4: 1.0, 8: 0.0}]
+    storage = [{4: 6.0, 8: 8.0}, {4: 6.0, 8: 8.0}]
+
+    nominal = allocate_bits(omega, [1000, 1000], 1500.0)
+    blocked = allocate_bits(omega, [1000, 1000], 1750.0, bits_per_weight=storage)
+
+    assert nominal.bits == [8, 4]
+    assert blocked.bits == [8, 4]
+    assert blocked.size_bytes == 1750.0
+    with pytest.raises(InfeasibleBudgetError, match=r"smallest achievable size 0\.001500 MB"):
+        allocate_bits(omega, [1000, 1000], 1400.0, bits_per_weight=storage)

@@ -62,6 +62,24 @@ def test_full_run_writes_model_and_report(calib: Path, tmp_path: Path, capsys) -
     assert "weight bits per layer" in capsys.readouterr().out
 
 
+def test_block_scales_and_weight_only(calib: Path, tmp_path: Path) -> None:
+    import onnx
+
+    out = tmp_path / "blocked.onnx"
+    argv = [str(MODEL), "--calib", str(calib / "calib.npz"), "--out", str(out), "--size-ratio", "0.2"]
+
+    status = main([*argv, "--bits", "4,8", "--block-size", "16", "--weight-only", *FAST])
+
+    assert status == 0
+    nodes = onnx.load(str(out)).graph.node
+    block_sizes = set()
+    for node in nodes:
+        if node.op_type == "DequantizeLinear":
+            block_sizes |= {a.i for a in node.attribute if a.name == "block_size"}
+    assert block_sizes == {16}
+    assert not any(node.op_type == "QuantizeLinear" for node in nodes)
+
+
 def test_cli_defaults_match_the_api() -> None:
     from quantized_inference_node.hawq.api import QuantizeOptions
     from quantized_inference_node.hawq.hessian import HessianSettings
@@ -86,6 +104,8 @@ def test_cli_defaults_match_the_api() -> None:
     assert args.float_activations == options.float_activations
     assert args.auto_float_activations == options.auto_float_activations
     assert args.float_activation_budget == options.float_activation_budget
+    assert args.block_size == options.block_size
+    assert args.weight_only is not options.quantize_activations
 
 
 def test_help_has_examples(capsys) -> None:

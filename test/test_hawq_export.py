@@ -19,7 +19,7 @@ from quantized_inference_node.hawq.api import (
     quantize,
 )
 from quantized_inference_node.hawq.calibration import CalibrationError, ImagePreprocess
-from quantized_inference_node.hawq.fake_quant import quantize_weight_np
+from quantized_inference_node.hawq.fake_quant import quantize_weight_np, storage_bits
 from quantized_inference_node.hawq.hessian import HessianSettings
 from quantized_inference_node.hawq.onnx_to_torch import UnsupportedOperatorError
 from quantized_inference_node.hawq.qdq_export import _int4_tensor
@@ -321,3 +321,47 @@ def test_gauss_newton_traces_refuse_the_l1_loss() -> None:
     message = "gauss_newton traces need a mse, cross_entropy or distillation loss"
     with pytest.raises(ValueError, match=message):
         analyze(tiny_cnn(), calibration(), labels, QuantizeOptions(hessian=hessian, loss="l1"))
+
+
+def test_block_scales_in_export_match_torch_emulation(tmp_path: Path) -> None:
+    options = QuantizeOptions(batch_size=16, hessian=FAST, block_size=4, quantize_activations=False)
+    blocked = analyze(tiny_cnn(), calibration(), options=options)
+    check = export_configuration(blocked, [4, 4], tmp_path / "blocked.onnx")
+    model = onnx.load(str(check.export.path))
+    conv, fc = blocked.prepared.layers
+    attributes = {
+        node.input[0]: {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        for node in model.graph.node
+        if node.op_type == "DequantizeLinear"
+    }
+    inits = initializers(check.export.path)
+
+    # The Gemm's 36 inputs take 9 blocks of 4; the Conv's 2 input channels keep one scale per channel.
+    assert attributes[f"{fc.weight}_quantized"] == {"axis": 1, "block_size": 4}
+    assert tuple(inits[f"{fc.weight}_scale"].dims) == (5, 9)
+    assert attributes[f"{conv.weight}_quantized"] == {"axis": 0}
+    assert tuple(inits[f"{conv.weight}_scale"].dims) == (4,)
+    # Weight-only: no activation QDQ pairs, and onnxruntime computes what torch emulates.
+    assert not any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    assert check.torch_vs_onnxruntime < 1e-5
+
+
+def test_block_scales_lower_the_weight_error_and_count_in_the_size() -> None:
+    weight = np.random.default_rng(3).normal(size=(8, 64, 3, 3)).astype(np.float32)
+    weight[:, :4] *= 20  # a few large input channels stretch every per-channel scale
+
+    per_channel = quantize_weight_np(weight, 4, 0)
+    blocked = quantize_weight_np(weight, 4, 0, block_size=16)
+
+    blocked_error = np.sum((blocked.dequantize() - weight) ** 2)
+    per_channel_error = np.sum((per_channel.dequantize() - weight) ** 2)
+
+    assert blocked.block_size == 16
+    assert blocked.axis == 1
+    assert blocked.scale.shape == (8, 4, 3, 3)
+    assert blocked_error < 0.5 * per_channel_error
+    # 8-bit weights and input counts the block size does not divide stay per channel.
+    assert quantize_weight_np(weight, 8, 0, block_size=16).block_size is None
+    assert quantize_weight_np(weight, 4, 0, block_size=48).block_size is None
+    assert storage_bits(4, 16) == 6.0
+    assert storage_bits(4, None) == 4.0

@@ -497,6 +497,24 @@ def test_silent_input_is_reported(make_harness, tmp_path: Path):
     assert harness.counters()["frames_processed"] == 0
 
 
+def test_camera_info_just_after_the_frame_is_used(make_harness, tmp_path: Path):
+    harness = make_harness(rgbd_parameters(tmp_path))
+    image, depth_mm = synthetic_frame(2)
+    messages = {
+        "image": conv.numpy_to_image(image, "rgb8", 0, "c"),
+        "depth": conv.numpy_to_image(depth_mm, "16UC1", 0, "c"),
+    }
+
+    # A publisher's first camera_info may trail its first images by a few milliseconds.
+    assert harness.wait_for(lambda: harness.counters()["kernels_ready"], 120)
+    harness.publish_frame(messages, np.eye(4), FIRST_STAMP_NS)
+    time.sleep(0.1)
+    harness.info_pubs["image"].publish(camera_info(96, 72, 80.0, 47.5, 35.5))
+
+    assert harness.wait_for(lambda: harness.counters()["frames_processed"] == 1, 30)
+    assert harness.dropped("missing_camera_info") == 0
+
+
 def test_empty_map_keeps_existing_file(make_harness, tmp_path: Path):
     target = tmp_path / "map.ply"
     target.write_bytes(b"an earlier map")

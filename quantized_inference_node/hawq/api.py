@@ -131,6 +131,12 @@ class QuantizeOptions:
         float_activation_budget: Also keep top-ranked activation tensors in float
             until the summed score of the tensors still quantized is at most this
             fraction of the total (None: off).
+        block_size: Give weights below 8 bits one scale per block of this many input
+            channels (DequantizeLinear blocked quantization, opset 21) where it divides
+            their count; the size budget counts the scales. None: one scale per output
+            channel.
+        quantize_activations: Quantize activations to uint8 (default); False keeps
+            every activation in float (weight-only quantization).
     """
 
     bits: tuple[int, ...] = (2, 4, 8)
@@ -152,6 +158,8 @@ class QuantizeOptions:
     float_activations: tuple[str, ...] = ()
     auto_float_activations: int = 0
     float_activation_budget: float | None = None
+    block_size: int | None = None
+    quantize_activations: bool = True
 
     def __post_init__(self) -> None:
         bits = tuple(self.bits)
@@ -176,6 +184,8 @@ class QuantizeOptions:
             raise ValueError(f"max_batches must be >= 1 or None, got {self.max_batches}")
         if self.finetune_epochs < 0:
             raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        if self.block_size is not None and self.block_size < 2:
+            raise ValueError(f"block_size must be >= 2 input channels or None, got {self.block_size}")
         object.__setattr__(self, "activation_range", RangeMethod(self.activation_range))
         object.__setattr__(self, "loss", LossKind(self.loss))
         try:
@@ -486,14 +496,17 @@ def _loss_closures(
 
 @contextlib.contextmanager
 def quantized_weights(
-    prepared: PreparedModel, bits: Sequence[int], clipping: WeightClipping = WeightClipping.MAX_ABS
+    prepared: PreparedModel,
+    bits: Sequence[int],
+    clipping: WeightClipping = WeightClipping.MAX_ABS,
+    block_size: int | None = None,
 ) -> Iterator[None]:
     """Temporarily replace the layer weights with their fake-quantized values."""
     saved = [w.detach().clone() for w in prepared.weights]
     try:
         with torch.no_grad():
             for w, layer, b in zip(prepared.weights, prepared.layers, bits, strict=True):
-                w.copy_(fake_quantize_weight(w, b, layer.channel_axis, clipping))
+                w.copy_(fake_quantize_weight(w, b, layer.channel_axis, clipping, block_size))
         yield
     finally:
         with torch.no_grad():
@@ -576,6 +589,7 @@ class Analysis:
         hessian_seconds: Wall time of the weight Hessian analysis.
         fp32_weight_bytes: FP32 size of the quantizable weights.
         weight_clipping: How the weight scales were chosen (the export uses the same).
+        block_size: Input channels per weight scale below 8 bits (None: per channel).
         float_activations: Activation tensors kept in float.
         activation_ranking: Activation sensitivities, largest first (empty unless ranked).
         activation_seconds: Wall time of the activation traces.
@@ -590,6 +604,7 @@ class Analysis:
     hessian_seconds: float
     fp32_weight_bytes: float
     weight_clipping: WeightClipping = WeightClipping.MAX_ABS
+    block_size: int | None = None
     float_activations: list[str] = field(default_factory=list)
     activation_ranking: list[ActivationSensitivity] = field(default_factory=list)
     activation_seconds: float = 0.0
@@ -709,6 +724,7 @@ def analyze(
         [layer.channel_axis for layer in layers],
         options.bits,
         options.weight_clipping,
+        options.block_size,
     )
 
     # Activation tensors kept in float: the named ones, then the top-ranked by trace.
@@ -722,6 +738,9 @@ def analyze(
     if float_names:
         LOGGER.info("activations kept in float: %s", ", ".join(float_names))
     qparams = without_float_activations(qparams, float_names, prepared.onnx_model)
+    if not options.quantize_activations:
+        LOGGER.info("weight-only quantization: every activation stays in float")
+        qparams = {}
     return Analysis(
         prepared,
         batches,
@@ -732,6 +751,7 @@ def analyze(
         hessian_seconds,
         fp32_bytes,
         weight_clipping=options.weight_clipping,
+        block_size=options.block_size,
         float_activations=float_names,
         activation_ranking=ranking,
         activation_seconds=activation_seconds,
@@ -810,6 +830,7 @@ def choose_bits(analysis: Analysis, options: QuantizeOptions) -> BitAllocation:
         macs=analysis.macs,
         bops_budget=bops_budget,
         pinned=_pinned(options, len(analysis.sensitivities)),
+        bits_per_weight=[s.storage_bits for s in analysis.sensitivities],
     )
 
 
@@ -828,7 +849,12 @@ def export_configuration(analysis: Analysis, bits: Sequence[int], out_path: str 
 
     float_model = _write_back_weights(prepared)
     qdq = build_qdq_model(
-        float_model, prepared.layers, list(bits), analysis.qparams, analysis.weight_clipping
+        float_model,
+        prepared.layers,
+        list(bits),
+        analysis.qparams,
+        analysis.weight_clipping,
+        analysis.block_size,
     )
     export = write_qdq_model(qdq, out_path)
 
@@ -837,7 +863,8 @@ def export_configuration(analysis: Analysis, bits: Sequence[int], out_path: str 
     quantized = onnxruntime_outputs(out_path, analysis.batches)
     set_activation_quantization(prepared, analysis.qparams)
     try:
-        with quantized_weights(prepared, bits, analysis.weight_clipping), torch.no_grad():
+        weights = quantized_weights(prepared, bits, analysis.weight_clipping, analysis.block_size)
+        with weights, torch.no_grad():
             emulated = np.concatenate(
                 [_first_output(prepared.module(**_torch_feeds(b))).numpy() for b in analysis.batches]
             )
@@ -916,6 +943,7 @@ def quantize(
                 options.seed,
                 names=[layer.node_name for layer in prepared.layers],
                 clipping=options.weight_clipping,
+                block_size=options.block_size,
             )
         finally:
             set_activation_quantization(prepared, None)

@@ -7,7 +7,9 @@ sum_i,b MACs_i b b_act x[i, b] <= B. scipy's HiGHS solves it exactly in
 milliseconds for hundreds of layers.
 
 Sizes count the nominal bits of the quantized weights (n_i * b / 8 bytes), as
-HAWQ does; the exported file stores 2-bit weights in int4, see qdq_export.
+HAWQ does; the exported file stores 2-bit weights in int4, see qdq_export. Layers
+quantized per block also pay for their block scales: pass their stored bits per
+weight (b + 32 / block size) as ``bits_per_weight``.
 """
 
 from __future__ import annotations
@@ -55,17 +57,22 @@ def check_size_budget(
     bit_widths: Sequence[int],
     size_budget_bytes: float,
     pinned: Mapping[int, int] | None = None,
+    bits_per_weight: Sequence[Mapping[int, float]] | None = None,
 ) -> float:
     """Check that the size budget admits some configuration; return the smallest size.
 
     Call it before the (expensive) Hessian analysis so an impossible budget fails fast.
+    ``bits_per_weight`` gives per layer the stored bits of each width (default: the width).
 
     Raises:
         InfeasibleBudgetError: naming the smallest achievable size.
     """
     pinned = dict(pinned or {})
     fewest = min(bit_widths)
-    min_size = sum(n * pinned.get(i, fewest) for i, n in enumerate(num_params)) / 8.0
+    min_size = 0.0
+    for i, n in enumerate(num_params):
+        width = pinned.get(i, fewest)
+        min_size += n * (bits_per_weight[i].get(width, width) if bits_per_weight else width) / 8.0
     if min_size > size_budget_bytes * (1 + 1e-9):
         raise InfeasibleBudgetError(
             f"size budget {size_budget_bytes / MB:.6f} MB is below the smallest achievable "
@@ -83,6 +90,7 @@ def allocate_bits(
     bops_budget: float | None = None,
     pinned: Mapping[int, int] | None = None,
     activation_bits: int = 8,
+    bits_per_weight: Sequence[Mapping[int, float]] | None = None,
 ) -> BitAllocation:
     """Solve the bit-allocation ILP.
 
@@ -94,6 +102,8 @@ def allocate_bits(
         bops_budget: Largest allowed sum MACs_i * b_i * activation_bits, or None.
         pinned: Layer index -> fixed bit width (e.g. first and last layer at 8).
         activation_bits: Activation bit width used in BOPS.
+        bits_per_weight: Per layer, the stored bits per weight of each candidate width,
+            where they differ from the width (block scales); sizes use them.
 
     Raises:
         ValueError: on inconsistent inputs (lengths, a pinned width that is not a candidate,
@@ -113,6 +123,8 @@ def allocate_bits(
     for index, b in pinned.items():
         if b not in candidates:
             raise ValueError(f"layer {index} is pinned to {b} bits, not one of {candidates}")
+    if bits_per_weight is not None and len(bits_per_weight) != num_layers:
+        raise ValueError(f"{len(bits_per_weight)} storage entries for {num_layers} layers")
     if bops_budget is not None and (macs is None or len(macs) != num_layers):
         raise ValueError("a BOPS budget needs the MACs of every layer")
 
@@ -122,7 +134,9 @@ def allocate_bits(
     for index, b in pinned.items():
         allowed[index] = [c == b for c in candidates]
     cost = np.array([[o[b] for b in candidates] for o in omega], dtype=np.float64)
-    sizes = np.outer(np.asarray(num_params, dtype=np.float64), candidates) / 8.0
+    layer_storage = bits_per_weight or [{}] * num_layers
+    stored = np.array([[s.get(b, b) for b in candidates] for s in layer_storage], dtype=np.float64)
+    sizes = np.asarray(num_params, dtype=np.float64)[:, None] * stored / 8.0
     bops = (
         np.outer(np.asarray(macs, dtype=np.float64), candidates) * activation_bits
         if macs is not None
@@ -131,7 +145,7 @@ def allocate_bits(
 
     # Check the budgets against their lower bounds first, for a useful message.
     # NOTE: 2-bit layers count 2 bits here but take 4 bits in the file (int4 storage).
-    min_size = check_size_budget(num_params, candidates, size_budget_bytes, pinned)
+    min_size = check_size_budget(num_params, candidates, size_budget_bytes, pinned, bits_per_weight)
     if bops_budget is not None:
         min_bops = float(np.where(allowed, bops, np.inf).min(axis=1).sum())
         if min_bops > bops_budget * (1 + 1e-9):

@@ -136,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
         "minimising the rounding error)",
     )
     parser.add_argument(
+        "--block-size",
+        type=int,
+        metavar="N",
+        help="give weights below 8 bits one scale per N input channels (ONNX blocked "
+        "quantization) where N divides their count; the size budget counts the scales",
+    )
+    parser.add_argument(
+        "--weight-only",
+        action="store_true",
+        help="keep every activation in float and quantize only the weights",
+    )
+    parser.add_argument(
         "--float-activations",
         type=_name_list,
         default=(),
@@ -259,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                 eigenvalues=not args.skip_eigenvalues,
             ),
             weight_clipping=args.weight_clipping,
+            block_size=args.block_size,
+            quantize_activations=not args.weight_only,
             float_activations=args.float_activations,
             auto_float_activations=args.auto_float_activations,
             float_activation_budget=args.float_activation_budget,

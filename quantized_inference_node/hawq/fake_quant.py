@@ -14,6 +14,13 @@ grid) that minimises ||Q(W) - W||^2. With few levels, max-abs scaling spends the
 on rare large weights and rounds the bulk to zero; a narrower range trades some
 clipping error on those for finer steps on the rest. 8-bit scales stay max-abs.
 
+Optionally, weights below 8 bits get one scale per block of ``block_size``
+consecutive input channels (at each output channel and kernel position) instead of
+one per output channel: the layout of DequantizeLinear's blocked quantization
+(opset 21). Each fp32 scale then costs 32 / block_size bits per weight, which the
+bit allocation counts (see :func:`storage_bits`). A weight whose input-channel
+count the block size does not divide keeps per-channel scales.
+
 The numpy and torch versions compute the same numbers, so the torch fake-quant
 model predicts what onnxruntime computes on the exported QDQ model.
 """
@@ -36,6 +43,8 @@ MIN_SCALE = 1e-12
 CLIP_RATIOS = tuple(float(r) for r in np.round(np.linspace(1.0, 0.2, 17), 4))
 #: Widest weight grid that gets MSE clipping; wider grids use max-abs scales.
 MSE_CLIPPING_MAX_BITS = 4
+#: Bits of one stored weight scale (float32).
+SCALE_BITS = 32
 
 
 class WeightClipping(str, Enum):
@@ -57,6 +66,34 @@ class RangeMethod(str, Enum):
     PERCENTILE = "percentile"
 
 
+def block_axis(weight_ndim: int, channel_axis: int) -> int:
+    """Return the input-channel axis of a weight whose output-channel axis is CHANNEL_AXIS.
+
+    Conv and transposed-Gemm weights have output channels first and input channels
+    second; ConvTranspose and MatMul weights the other way round.
+    """
+    return 1 if channel_axis % weight_ndim == 0 else 0
+
+
+def weight_block_size(
+    shape: tuple[int, ...], channel_axis: int, bits: int, block_size: int | None
+) -> int | None:
+    """Return the block size a weight of SHAPE gets at BITS, or None for per-channel scales.
+
+    Blocks apply below 8 bits, to weights of two or more dimensions whose input-channel
+    count BLOCK_SIZE divides.
+    """
+    if block_size is None or bits >= 8 or len(shape) < 2:
+        return None
+    channels = shape[block_axis(len(shape), channel_axis)]
+    return block_size if channels % block_size == 0 else None
+
+
+def storage_bits(bits: int, block_size: int | None) -> float:
+    """Return the stored bits per weight: BITS, plus the block scales' share when blocked."""
+    return bits + SCALE_BITS / block_size if block_size else float(bits)
+
+
 def weight_qmax(bits: int) -> int:
     """Return the largest quantized magnitude of a symmetric narrow-range weight."""
     if bits < 2 or bits > 8:
@@ -66,38 +103,86 @@ def weight_qmax(bits: int) -> int:
 
 @dataclass(frozen=True)
 class WeightQuantization:
-    """A per-channel symmetric weight quantization.
+    """A symmetric weight quantization, per channel or per block.
 
     Attributes:
         q: Integer weights, same shape as the float weight, int8 dtype.
-        scale: Per-channel scales, float32, shape (channels,).
-        axis: The channel axis of the weight.
+        scale: float32 scales: shape (channels,) per channel; per block, the weight's
+            shape with the input-channel axis divided by block_size.
+        axis: DequantizeLinear's axis: the output-channel axis per channel, the
+            input-channel axis per block.
         bits: Bit width the integer values fit in.
+        block_size: Input channels per scale, or None for per-channel scales.
     """
 
     q: np.ndarray
     scale: np.ndarray
     axis: int
     bits: int
+    block_size: int | None = None
 
     def dequantize(self) -> np.ndarray:
         """Return the float32 weight the integers stand for."""
-        shape = [1] * self.q.ndim
-        shape[self.axis] = -1
-        return self.q.astype(np.float32) * self.scale.reshape(shape)
+        return self.q.astype(np.float32) * _expand_scales(self.scale, self.q.ndim, self.axis, self.block_size)
+
+
+def _expand_scales(scale: np.ndarray, ndim: int, axis: int, block_size: int | None) -> np.ndarray:
+    """Return SCALE broadcastable to the weight: per-channel scales reshaped, block scales repeated."""
+    if block_size is None:
+        shape = [1] * ndim
+        shape[axis] = -1
+        return scale.reshape(shape)
+    return np.repeat(scale, block_size, axis=axis)
+
+
+def _scale_rows(weight: np.ndarray, axis: int, block_size: int | None) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Return the weight as rows that share one scale, and the scale tensor's shape.
+
+    Per channel, a row is one output channel. Per block, a row is block_size
+    consecutive input channels at one position of the other axes.
+    """
+    if block_size is None:
+        rows = np.moveaxis(weight, axis, 0)
+        return rows.reshape(rows.shape[0], -1), (weight.shape[axis],)
+    moved = np.moveaxis(weight, axis, -1)
+    blocks = moved.reshape(*moved.shape[:-1], moved.shape[-1] // block_size, block_size)
+    scale_shape = list(weight.shape)
+    scale_shape[axis] //= block_size
+    return blocks.reshape(-1, block_size), tuple(scale_shape)
+
+
+def _rows_to_scale_tensor(
+    row_scales: np.ndarray, weight_shape: tuple[int, ...], axis: int, block_size: int | None
+) -> np.ndarray:
+    """Arrange per-row scales (from _scale_rows) as the scale tensor."""
+    if block_size is None:
+        return row_scales
+    moved_shape = [d for i, d in enumerate(weight_shape) if i != axis] + [weight_shape[axis] // block_size]
+    return np.moveaxis(row_scales.reshape(moved_shape), -1, axis)
 
 
 def weight_scales(
-    weight: np.ndarray, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MAX_ABS
+    weight: np.ndarray,
+    bits: int,
+    axis: int,
+    clipping: WeightClipping | str = WeightClipping.MAX_ABS,
+    block_size: int | None = None,
 ) -> np.ndarray:
-    """Return the per-channel scales (float32, shape (channels,)) of a symmetric weight grid.
+    """Return the scales (float32) of a symmetric weight grid, per channel or per block.
 
     The numpy and torch quantizers both take their scales from here, so the
     exported integers and the torch emulation use identical grids.
 
+    Args:
+        weight: Float weight.
+        bits: Bit width, 2..8.
+        axis: Output-channel axis per channel; input-channel axis per block.
+        clipping: Max-abs or MSE scales.
+        block_size: Input channels per scale, or None for one scale per output channel.
+
     Raises:
-        ValueError: when bits is outside 2..8, axis is not an axis of weight, or the
-            clipping method is unknown.
+        ValueError: when bits is outside 2..8, axis is not an axis of weight, the
+            block size does not divide that axis, or the clipping method is unknown.
     """
     if not -weight.ndim <= axis < weight.ndim:
         raise ValueError(f"channel axis {axis} is not an axis of a {weight.ndim}-D weight")
@@ -107,8 +192,17 @@ def weight_scales(
         choices = ", ".join(c.value for c in WeightClipping)
         raise ValueError(f"unknown weight clipping {clipping!r}; use one of {choices}") from None
     qmax = weight_qmax(bits)
-    rows = np.moveaxis(np.asarray(weight, dtype=np.float32), axis % weight.ndim, 0)
-    rows = rows.reshape(rows.shape[0], -1)
+    axis = axis % weight.ndim
+    if block_size is not None and (block_size < 1 or weight.shape[axis] % block_size):
+        raise ValueError(
+            f"block size {block_size} does not divide the {weight.shape[axis]} channels of axis {axis}"
+        )
+    rows, _ = _scale_rows(np.asarray(weight, dtype=np.float32), axis, block_size)
+    return _rows_to_scale_tensor(_row_scales(rows, qmax, bits, clipping), weight.shape, axis, block_size)
+
+
+def _row_scales(rows: np.ndarray, qmax: int, bits: int, clipping: WeightClipping) -> np.ndarray:
+    """Return one scale per row of ROWS: max-abs, or MSE clipping where it applies."""
     absmax = np.abs(rows).max(axis=1)
     scale = np.maximum(absmax / qmax, MIN_SCALE).astype(np.float32)
     if clipping is WeightClipping.MAX_ABS or bits > MSE_CLIPPING_MAX_BITS:
@@ -132,28 +226,44 @@ def _rounding_error(rows: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarra
 
 
 def quantize_weight_np(
-    weight: np.ndarray, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MAX_ABS
+    weight: np.ndarray,
+    bits: int,
+    axis: int,
+    clipping: WeightClipping | str = WeightClipping.MAX_ABS,
+    block_size: int | None = None,
 ) -> WeightQuantization:
-    """Quantize a float weight symmetrically per channel along AXIS.
+    """Quantize a float weight symmetrically, per output channel or per block.
 
     Args:
         weight: Float weight.
         bits: Bit width, 2..8.
         axis: Output-channel axis.
-        clipping: MSE (default; max-abs above 4 bits) or MAX_ABS scales.
+        clipping: MAX_ABS (default) or MSE scales (MSE applies to 4 bits and fewer).
+        block_size: Input channels per scale below 8 bits, where it divides their
+            count (see :func:`weight_block_size`); None for per-channel scales.
 
     Raises:
         ValueError: when bits is outside 2..8, axis is not an axis of weight, or the
             clipping method is unknown.
     """
-    scale = weight_scales(weight, bits, axis, clipping)
-    axis = axis % weight.ndim
+    scale, scale_axis, block = _scales_for(weight, bits, axis, clipping, block_size)
     qmax = weight_qmax(bits)
 
-    shape = [1] * weight.ndim
-    shape[axis] = -1
-    q = np.clip(np.round(weight / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
-    return WeightQuantization(q=q, scale=scale, axis=axis, bits=bits)
+    expanded = _expand_scales(scale, weight.ndim, scale_axis, block)
+    q = np.clip(np.round(weight / expanded), -qmax, qmax).astype(np.int8)
+    return WeightQuantization(q=q, scale=scale, axis=scale_axis, bits=bits, block_size=block)
+
+
+def _scales_for(
+    weight: np.ndarray, bits: int, axis: int, clipping: WeightClipping | str, block_size: int | None
+) -> tuple[np.ndarray, int, int | None]:
+    """Return (scales, their DequantizeLinear axis, the block size or None) for a weight."""
+    if not -weight.ndim <= axis < weight.ndim:
+        raise ValueError(f"channel axis {axis} is not an axis of a {weight.ndim}-D weight")
+    axis = axis % weight.ndim
+    block = weight_block_size(tuple(weight.shape), axis, bits, block_size)
+    scale_axis = axis if block is None else block_axis(weight.ndim, axis)
+    return weight_scales(weight, bits, scale_axis, clipping, block), scale_axis, block
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -169,31 +279,38 @@ class _RoundSTE(torch.autograd.Function):
 
 
 def fake_quantize_weight(
-    weight: torch.Tensor, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MAX_ABS
+    weight: torch.Tensor,
+    bits: int,
+    axis: int,
+    clipping: WeightClipping | str = WeightClipping.MAX_ABS,
+    block_size: int | None = None,
 ) -> torch.Tensor:
-    """Return Q_b(weight) as float, per-channel symmetric, with a straight-through gradient.
+    """Return Q_b(weight) as float, symmetric per channel or per block, with a straight-through gradient.
 
     The scale is computed from the detached weight (by :func:`weight_scales`, as in
     the export) so that quantization-aware fine-tuning moves the weights, not the grid.
+    Arguments as in :func:`quantize_weight_np`.
     """
-    axis = axis % weight.ndim
     qmax = weight_qmax(bits)
+    scale, scale_axis, block = _scales_for(
+        weight.detach().float().cpu().numpy(), bits, axis, clipping, block_size
+    )
+    expanded = torch.from_numpy(_expand_scales(scale, weight.ndim, scale_axis, block)).to(weight.dtype)
 
-    shape = [1] * weight.ndim
-    shape[axis] = -1
-    scales = weight_scales(weight.detach().float().cpu().numpy(), bits, axis, clipping)
-    scale = torch.from_numpy(scales).reshape(shape).to(weight.dtype)
-
-    q = torch.clamp(_RoundSTE.apply(weight / scale), -qmax, qmax)
-    return q * scale
+    q = torch.clamp(_RoundSTE.apply(weight / expanded), -qmax, qmax)
+    return q * expanded
 
 
 def weight_quantization_error(
-    weight: torch.Tensor, bits: int, axis: int, clipping: WeightClipping | str = WeightClipping.MAX_ABS
+    weight: torch.Tensor,
+    bits: int,
+    axis: int,
+    clipping: WeightClipping | str = WeightClipping.MAX_ABS,
+    block_size: int | None = None,
 ) -> float:
     """Return ||Q_b(W) - W||^2, the squared Frobenius norm of the quantization error."""
     with torch.no_grad():
-        return float(((fake_quantize_weight(weight, bits, axis, clipping) - weight) ** 2).sum())
+        return float(((fake_quantize_weight(weight, bits, axis, clipping, block_size) - weight) ** 2).sum())
 
 
 @dataclass(frozen=True)

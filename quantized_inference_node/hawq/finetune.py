@@ -30,6 +30,7 @@ def finetune(
     seed: int = 0,
     names: Sequence[str] | None = None,
     clipping: WeightClipping | str = WeightClipping.MAX_ABS,
+    block_size: int | None = None,
 ) -> None:
     """Fine-tune the weights in place; on return they hold the float (shadow) values.
 
@@ -47,6 +48,7 @@ def finetune(
         seed: Seed of torch's global generator during fine-tuning.
         names: Layer names for the log.
         clipping: How the weight scales are chosen (as in the analysis and export).
+        block_size: Input channels per weight scale below 8 bits (None: per channel).
 
     Raises:
         ValueError: when the sequences differ in length, ORDER is not a permutation of
@@ -73,7 +75,7 @@ def finetune(
             for loss_fn in losses:
                 with torch.no_grad():
                     for w, s, axis, b in zip(weights, shadows, channel_axes, bits, strict=True):
-                        w.copy_(fake_quantize_weight(s, b, axis, clipping))
+                        w.copy_(fake_quantize_weight(s, b, axis, clipping, block_size))
                 grads = torch.autograd.grad(loss_fn(), [weights[i] for i in active])
                 optimizer.zero_grad()
                 for shadow, grad in zip(trainable, grads, strict=True):

@@ -302,6 +302,7 @@ def build_qdq_model(
     bits: Sequence[int],
     qparams: Mapping[str, ActivationQParams],
     weight_clipping: WeightClipping | str = WeightClipping.MAX_ABS,
+    block_size: int | None = None,
 ) -> onnx.ModelProto:
     """Return the QDQ model: quantized weights, int32 biases and activation QDQ pairs.
 
@@ -312,6 +313,8 @@ def build_qdq_model(
         qparams: uint8 parameters per activation tensor, pass-through outputs included;
             a tensor without an entry stays float.
         weight_clipping: How the weight scales are chosen (as in the analysis).
+        block_size: Input channels per weight scale below 8 bits, where it divides
+            their count (DequantizeLinear blocked quantization); None: per channel.
 
     Raises:
         ExportError: when the opset cannot be upgraded or a weight is shared.
@@ -353,30 +356,39 @@ def build_qdq_model(
             )
         node = by_name[layer.node_name]
         w = numpy_helper.to_array(inits[layer.weight]).astype(np.float32)
-        wq = quantize_weight_np(w, b, layer.channel_axis, weight_clipping)
+        wq = quantize_weight_np(w, b, layer.channel_axis, weight_clipping, block_size)
         q_name = f"{layer.weight}_quantized"
         # int4 stores -7..7, the narrow range of 4 bits and fewer, so wider grids need int8.
         if b > 4:
             q_init = numpy_helper.from_array(wq.q.astype(np.int8), q_name)
-            zp_init = numpy_helper.from_array(np.zeros(len(wq.scale), np.int8), f"{layer.weight}_zero_point")
+            zp_init = numpy_helper.from_array(np.zeros(wq.scale.shape, np.int8), f"{layer.weight}_zero_point")
         else:
             # NOTE: onnxruntime runs 4-bit layers as DequantizeLinear -> float op and dequantizes
             # the weights on every run, so at batch size 1 they are slower than FP32.
             q_init = _int4_tensor(q_name, wq.q)
-            zp_init = _int4_tensor(f"{layer.weight}_zero_point", np.zeros(len(wq.scale), np.int8))
+            zp_init = _int4_tensor(f"{layer.weight}_zero_point", np.zeros(wq.scale.shape, np.int8))
         new_inits += [q_init, zp_init, numpy_helper.from_array(wq.scale, f"{layer.weight}_scale")]
+        block_attributes = {} if wq.block_size is None else {"block_size": wq.block_size}
         dq = helper.make_node(
             "DequantizeLinear",
             [q_name, f"{layer.weight}_scale", f"{layer.weight}_zero_point"],
             [f"{layer.weight}_dequantized"],
             name=f"{layer.weight}_DequantizeLinear",
-            axis=layer.channel_axis,
+            axis=wq.axis,
+            **block_attributes,
         )
         pre_nodes.setdefault(node.name, []).append(dq)
         node.input[1] = dq.output[0]
 
+        # An int32 bias needs one weight scale per output channel, so blocked layers keep
+        # a float bias.
         x_params = qparams.get(layer.input)
-        if layer.bias is not None and x_params is not None and weight_users.get(layer.bias, 0) == 1:
+        if (
+            layer.bias is not None
+            and x_params is not None
+            and wq.block_size is None
+            and weight_users.get(layer.bias, 0) == 1
+        ):
             bias = numpy_helper.to_array(inits[layer.bias]).astype(np.float64)
             bias_scale = (x_params.scale * wq.scale.astype(np.float64)).astype(np.float32)
             limit = np.iinfo(np.int32)

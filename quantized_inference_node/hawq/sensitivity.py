@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .fake_quant import WeightClipping, weight_quantization_error
+from .fake_quant import WeightClipping, storage_bits, weight_block_size, weight_quantization_error
 from .hessian import LayerCurvature
 
 
@@ -29,6 +29,8 @@ class LayerSensitivity:
         trace: Hessian trace Tr(H_i).
         quant_error: ||Q_b(W_i) - W_i||^2 per bit width b.
         omega: Omega_i(b) = Tr(H_i)/n_i * quant_error[b] per bit width b.
+        storage_bits: Stored bits per weight at each bit width b: b, plus the share of
+            the block scales where the layer is quantized per block (empty means b).
     """
 
     name: str
@@ -37,6 +39,7 @@ class LayerSensitivity:
     trace: float
     quant_error: dict[int, float]
     omega: dict[int, float]
+    storage_bits: dict[int, float] = field(default_factory=dict)
 
     @property
     def v1_key(self) -> float:
@@ -60,6 +63,7 @@ def layer_sensitivities(
     channel_axes: Sequence[int],
     bit_widths: Sequence[int],
     clipping: WeightClipping | str = WeightClipping.MAX_ABS,
+    block_size: int | None = None,
 ) -> list[LayerSensitivity]:
     """Return Omega_i(b) for every layer and candidate bit width.
 
@@ -69,6 +73,7 @@ def layer_sensitivities(
         channel_axes: Output-channel axis of each weight (per-channel scales).
         bit_widths: Candidate weight bit widths, each in 2..8.
         clipping: How the weight scales are chosen (the export must use the same).
+        block_size: Input channels per weight scale below 8 bits (None: per channel).
 
     Raises:
         ValueError: when the sequences differ in length or a bit width is out of range.
@@ -81,7 +86,9 @@ def layer_sensitivities(
 
     result = []
     for curvature, weight, axis in zip(curvatures, weights, channel_axes, strict=True):
-        errors = {b: weight_quantization_error(weight, b, axis, clipping) for b in bit_widths}
+        errors = {b: weight_quantization_error(weight, b, axis, clipping, block_size) for b in bit_widths}
+        shape = tuple(weight.shape)
+        storage = {b: storage_bits(b, weight_block_size(shape, axis, b, block_size)) for b in bit_widths}
         result.append(
             LayerSensitivity(
                 name=curvature.name,
@@ -90,6 +97,7 @@ def layer_sensitivities(
                 trace=curvature.trace,
                 quant_error=errors,
                 omega={b: curvature.mean_trace * e for b, e in errors.items()},
+                storage_bits=storage,
             )
         )
     return result
