@@ -520,29 +520,64 @@ def hawq_quantize(
         settings.size_ratio * fp32_bytes,
         bits_per_weight=[s.storage_bits for s in sensitivities],
     )
+    # Weight-only, or uint8 activations with the fewest top-ranked ones kept float.
+    path = folder / "hawq.onnx"
     if settings.weight_only:
-        path = folder / "hawq.onnx"
         qdq = build_qdq_model(
             prepared.onnx_model, layers, allocation.bits, {}, settings.weight_clipping, settings.block_size
         )
         write_qdq_model(qdq, path)
-        return HawqResult(
-            path=path,
-            bits=list(allocation.bits),
-            size_bytes=allocation.size_bytes,
-            fp32_bytes=fp32_bytes,
-            protected=[],
-            ranking=[],
-            ladder=[],
-            layer_names=[layer.node_name for layer in layers],
-            layer_traces=[c.trace for c in curvatures],
-            hessian_memory=hessian_memory,
-            activation_memory=PeakMemory(),
-            quantized_activations=0,
-            model=prepared.onnx_model,
-            block_size=settings.block_size,
-            stored_bytes=stored_weight_bytes(path, [layer.weight for layer in layers]),
-        )
+        protection = ActivationProtection()
+    else:
+        protection = protect_activations(prepared, hessian_batches, crops, allocation.bits, settings, folder)
+        (folder / f"hawq_protect{protection.count}.onnx").replace(path)
+
+    return HawqResult(
+        path=path,
+        bits=list(allocation.bits),
+        size_bytes=allocation.size_bytes,
+        fp32_bytes=fp32_bytes,
+        protected=protection.protected,
+        ranking=protection.ranking,
+        ladder=protection.ladder,
+        layer_names=[layer.node_name for layer in layers],
+        layer_traces=[c.trace for c in curvatures],
+        hessian_memory=hessian_memory,
+        activation_memory=protection.memory,
+        quantized_activations=protection.quantized_activations,
+        model=prepared.onnx_model,
+        block_size=settings.block_size,
+        stored_bytes=stored_weight_bytes(path, [layer.weight for layer in layers]),
+    )
+
+
+@dataclass
+class ActivationProtection:
+    """The uint8 activations kept float, and how they were chosen (empty: weight-only)."""
+
+    # Tensors kept float, and the count from PROTECTION_LADDER that chose them.
+    protected: list[str] = field(default_factory=list)
+    count: int = 0
+    ranking: list[ActivationSensitivity] = field(default_factory=list)
+    # (tensors kept float, pooled IoU on the calibration crops) per rung tried.
+    ladder: list[tuple[int, float]] = field(default_factory=list)
+    memory: PeakMemory = field(default_factory=PeakMemory)
+    quantized_activations: int = 0
+
+
+def protect_activations(
+    prepared: PreparedModel,
+    hessian_batches: Sequence[np.ndarray],
+    crops: np.ndarray,
+    bits: Sequence[int],
+    settings: HawqSettings,
+    folder: Path,
+) -> ActivationProtection:
+    """Rank the uint8 activations by trace and keep the fewest top-ranked ones float.
+
+    Writes folder/hawq_protect{count}.onnx for each rung of PROTECTION_LADDER tried.
+    """
+    layers, module = prepared.layers, prepared.module
 
     # Activation ranges in onnxruntime on the full calibration crops.
     names = activation_tensors(prepared.onnx_model, layers)
@@ -575,7 +610,7 @@ def hawq_quantize(
         protected = select_float_activations(ranking, count)
         kept = without_float_activations(qparams, protected, prepared.onnx_model)
         qdq = build_qdq_model(
-            prepared.onnx_model, layers, allocation.bits, kept, settings.weight_clipping, settings.block_size
+            prepared.onnx_model, layers, list(bits), kept, settings.weight_clipping, settings.block_size
         )
         candidate = folder / f"hawq_protect{count}.onnx"
         write_qdq_model(qdq, candidate)
@@ -587,25 +622,14 @@ def hawq_quantize(
     chosen = next((c for c, s in ladder if s >= settings.target_iou), None)
     if chosen is None:
         chosen = max(ladder, key=lambda entry: (entry[1], -entry[0]))[0]
-    chosen_path = folder / "hawq.onnx"
-    (folder / f"hawq_protect{chosen}.onnx").replace(chosen_path)
 
-    return HawqResult(
-        path=chosen_path,
-        bits=list(allocation.bits),
-        size_bytes=allocation.size_bytes,
-        fp32_bytes=fp32_bytes,
+    return ActivationProtection(
         protected=select_float_activations(ranking, chosen),
+        count=chosen,
         ranking=ranking,
         ladder=ladder,
-        layer_names=[layer.node_name for layer in layers],
-        layer_traces=[c.trace for c in curvatures],
-        hessian_memory=hessian_memory,
-        activation_memory=activation_memory,
+        memory=activation_memory,
         quantized_activations=len(quantized),
-        model=prepared.onnx_model,
-        block_size=settings.block_size,
-        stored_bytes=stored_weight_bytes(chosen_path, [layer.weight for layer in layers]),
     )
 
 

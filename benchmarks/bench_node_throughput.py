@@ -984,12 +984,13 @@ def report_markdown(results: list[ThroughputResult], offline: OfflineTiming | No
         verdicts.append(f"{column}: {'met' if share <= 5 else 'missed'} ({share:.0f} % not fused)")
 
     lines = [
-        f"The node runs in its own process (rclpy, Fast DDS, loopback only) and gets {results[0].published} "
-        f"real 7-Scenes frames (640×480 rgb8, 16UC1 depth in mm, camera_info and the true PoseStamped, "
-        f"preloaded) at {first.rate_hz:g} Hz for {first.seconds:g} s, each stamped with the wall clock when "
-        f"sent; publish_rate={first.publish_rate_hz:g} Hz, other parameters at their defaults. Before them "
-        "the first frame was sent, one at a time, until the node had fused one (so its inputs are matched "
-        "and its kernels loaded); the counts below leave those out. One run per column, one after the other.",
+        f"The node runs in its own process (rclpy, Fast DDS, loopback only). It gets {results[0].published} "
+        f"real 7-Scenes frames at {first.rate_hz:g} Hz for {first.seconds:g} s: 640×480 rgb8, 16UC1 depth "
+        "in mm, camera_info and the true PoseStamped, preloaded and stamped with the wall clock when sent. "
+        f"The node runs with publish_rate={first.publish_rate_hz:g} Hz and its other parameters at their "
+        "defaults. Before the measured frames, the first frame was sent, one at a time, until the node had "
+        "fused one, so that its inputs are matched and its kernels loaded; the counts below leave those "
+        "out. One run per column, one after the other.",
         "",
         _transport_sentence(first.fastdds_profile),
         "",

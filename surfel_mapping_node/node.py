@@ -27,11 +27,12 @@ Threads: the executor thread runs the callbacks, which only decode and queue mes
 A worker thread owns the mapper: it integrates the newest matched frame, applies
 keyframe corrections and publishes the map when the publish timer fires. The mapping
 kernels release the GIL, so a slow frame delays the map but not the message callbacks,
-and matched frames that arrive while the mapper is busy are dropped and counted. Spin the node
-with a SingleThreadedExecutor: rclpy's MultiThreadedExecutor polls its pending
-callbacks in a loop that, with 30 Hz images, took a whole core and lost most frames
-inside DDS (measured with reliable QoS on 2 cores: 1 to 2 frames per second fused,
-against 27 to 28 with this design).
+and matched frames that arrive while the mapper is busy are dropped and counted.
+
+Spin the node with a SingleThreadedExecutor. rclpy's MultiThreadedExecutor polls its
+pending callbacks in a loop that, with 30 Hz images, took a whole core and lost most
+frames inside DDS (measured with reliable QoS on 2 cores: 1 to 2 frames per second
+fused, against 27 to 28 with this design).
 """
 
 from __future__ import annotations
@@ -346,8 +347,10 @@ class SurfelMappingNode(Node):
             image, depth, info = INPUT_TOPICS[s.input_mode]
             streams = [(image, "image"), (depth, "depth")]
             infos = [(info, "image")]
-        # Input name -> resolved topic, for the check of silent inputs.
+        # Input name -> resolved topic, and camera_info input name -> its stream, for
+        # the check of silent inputs.
         self._input_topics: dict[str, str] = {}
+        self._camera_info_inputs: dict[str, str] = {}
         for topic, stream in streams:
             subscription = self.create_subscription(
                 Image, topic, partial(self._on_image, stream), image_qos, callback_group=group
@@ -358,6 +361,7 @@ class SurfelMappingNode(Node):
                 CameraInfo, topic, partial(self._on_camera_info, stream), image_qos, callback_group=group
             )
             self._input_topics[f"{stream} camera_info"] = subscription.topic_name
+            self._camera_info_inputs[f"{stream} camera_info"] = stream
 
         pose_msg_type = Odometry if s.pose_type == "odometry" else PoseStamped
         pose_topic, keyframes_topic = STATE_TOPICS
@@ -460,12 +464,9 @@ class SurfelMappingNode(Node):
         with self._lock:
             received = dict(self._sync.stats.received)
             cameras = set(self._cameras)
-        counts = {}
-        for name in self._input_topics:
-            if name.endswith(" camera_info"):
-                counts[name] = int(name.removesuffix(" camera_info") in cameras)
-            else:
-                counts[name] = received.get(name, 0)
+        counts = {name: received.get(name, 0) for name in self._input_topics}
+        for name, stream in self._camera_info_inputs.items():
+            counts[name] = int(stream in cameras)
         arriving = [name for name, count in counts.items() if count > 0]
         silent = [name for name, count in counts.items() if count == 0] if arriving else []
         with self._lock:

@@ -19,7 +19,7 @@ from quantized_inference_node.hawq.api import (
     quantize,
 )
 from quantized_inference_node.hawq.calibration import CalibrationError, ImagePreprocess
-from quantized_inference_node.hawq.fake_quant import quantize_weight_np, storage_bits
+from quantized_inference_node.hawq.fake_quant import quantize_weight_np, storage_bits, weight_scales
 from quantized_inference_node.hawq.hessian import HessianSettings
 from quantized_inference_node.hawq.onnx_to_torch import UnsupportedOperatorError
 from quantized_inference_node.hawq.qdq_export import _int4_tensor
@@ -255,6 +255,7 @@ def test_infeasible_budget_fails_before_the_analysis(tmp_path: Path) -> None:
         ({"size_ratio": 1.5}, r"size_ratio must be in \(0, 1\]"),
         ({"size_ratio": 0.2, "bits": (2, 4), "pin_first_last": True}, "add 8 to bits"),
         ({"size_ratio": 0.2, "loss": "hinge"}, "'hinge' is not a valid LossKind"),
+        ({"size_ratio": 0.2, "block_size": 1}, "block_size must be >= 2 input channels"),
     ],
 )
 def test_bad_options(kwargs: dict, message: str) -> None:
@@ -346,13 +347,12 @@ def test_block_scales_in_export_match_torch_emulation(tmp_path: Path) -> None:
     assert check.torch_vs_onnxruntime < 1e-5
 
 
-def test_block_scales_lower_the_weight_error_and_count_in_the_size() -> None:
+def test_block_scales_lower_weight_error() -> None:
     weight = np.random.default_rng(3).normal(size=(8, 64, 3, 3)).astype(np.float32)
     weight[:, :4] *= 20  # a few large input channels stretch every per-channel scale
 
     per_channel = quantize_weight_np(weight, 4, 0)
     blocked = quantize_weight_np(weight, 4, 0, block_size=16)
-
     blocked_error = np.sum((blocked.dequantize() - weight) ** 2)
     per_channel_error = np.sum((per_channel.dequantize() - weight) ** 2)
 
@@ -363,5 +363,15 @@ def test_block_scales_lower_the_weight_error_and_count_in_the_size() -> None:
     # 8-bit weights and input counts the block size does not divide stay per channel.
     assert quantize_weight_np(weight, 8, 0, block_size=16).block_size is None
     assert quantize_weight_np(weight, 4, 0, block_size=48).block_size is None
+
+
+def test_storage_bits_count_block_scales() -> None:
     assert storage_bits(4, 16) == 6.0
     assert storage_bits(4, None) == 4.0
+
+
+def test_block_size_must_divide_the_axis() -> None:
+    weight = np.ones((4, 6), np.float32)
+
+    with pytest.raises(ValueError, match="invalid block size 4 for the 6 channels of axis 1"):
+        weight_scales(weight, 4, 1, block_size=4)

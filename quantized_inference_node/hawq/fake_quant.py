@@ -195,7 +195,8 @@ def weight_scales(
     axis = axis % weight.ndim
     if block_size is not None and (block_size < 1 or weight.shape[axis] % block_size):
         raise ValueError(
-            f"block size {block_size} does not divide the {weight.shape[axis]} channels of axis {axis}"
+            f"invalid block size {block_size} for the {weight.shape[axis]} channels of axis {axis}: "
+            "use a size >= 1 that divides them, or None for per-channel scales"
         )
     rows, _ = _scale_rows(np.asarray(weight, dtype=np.float32), axis, block_size)
     return _rows_to_scale_tensor(_row_scales(rows, qmax, bits, clipping), weight.shape, axis, block_size)
